@@ -1,0 +1,49 @@
+"""The ``normbench`` command line: a click group whose commands only parse, call the library and
+render. Each command lives in a module of its own beside this one.
+
+Errors are turned into exits in one place, :meth:`_Group.main`: a :class:`~normbench.errors.UserError`
+from the library or a click usage error becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from normbench import __version__
+from normbench.errors import UserError
+
+
+class _Group(click.Group):
+    """A click group that reports every user error as one line and exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            click.echo("Aborted: every finished cell is in the output file.", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except UserError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="normbench")
+def main() -> None:
+    """normbench: speed, numerical stability and training behaviour of normalization layers
+    (L2, L1, L-inf and top-k batch-norm; LayerNorm, RMSNorm and GroupNorm families)."""
+
+
+def _register() -> None:
+    from normbench.cli.info import info
+
+    main.add_command(info)
+
+
+_register()
