@@ -41,9 +41,13 @@ def main() -> None:
 
 
 def _register() -> None:
+    """One line per command; each command module imports the library lazily, inside the command."""
     from normbench.cli.info import info
+    from normbench.cli.plot import plot, register_subcommands
 
     main.add_command(info)
+    register_subcommands()
+    main.add_command(plot)
 
 
 _register()
