@@ -1,0 +1,1 @@
+"""Timing engine, implementation registry and byte model behind ``normbench profile``."""
