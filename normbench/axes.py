@@ -104,26 +104,32 @@ class NormSpec:
         return nn.GroupNorm(math.gcd(GROUPS, shape[1]), shape[1], **kwargs)
 
 
-_NORM_RE = re.compile(r"^(?:(l2|l1|linf|top(\d+))(?:-|$))?(batchnorm|bn|layernorm|ln|rmsnorm|rms|groupnorm|gn)?$")
+_DISPERSION_RE = re.compile(r"^(l2|l1|linf|top(\d+))$")
 _FAMILY_ALIASES = {"bn": "batchnorm", "ln": "layernorm", "rms": "rmsnorm", "gn": "groupnorm"}
 
 
 def parse_norm(name: str) -> NormSpec:
     """A NormSpec from a ``--norm`` name; a UserError listing the valid forms otherwise."""
     text = name.strip().lower()
-    m = _NORM_RE.match(text)
-    if not text or not m or (m.group(1) is None and m.group(3) is None):
+    if "-" in text:
+        disp, _, family = text.rpartition("-")
+    elif _FAMILY_ALIASES.get(text, text) in FAMILIES:
+        disp, family = "l2", text
+    else:  # a dispersion alone names a batch-norm
+        disp, family = text, "batchnorm"
+    family = _FAMILY_ALIASES.get(family, family)
+    m = _DISPERSION_RE.match(disp)
+    if family not in FAMILIES or not m:
         raise UserError(
             f"unknown norm {name!r}: use l2, l1, linf or top<k> (batch-norm), optionally followed by "
             f"-layernorm, -rmsnorm or -groupnorm (e.g. l1-layernorm; 'layernorm' alone is L2)"
         )
-    disp, k, family = m.group(1) or "l2", m.group(2), m.group(3) or "batchnorm"
-    family = _FAMILY_ALIASES.get(family, family)
-    if k is not None:
-        if int(k) < 1:
+    if m.group(2) is not None:
+        k = int(m.group(2))
+        if k < 1:
             raise UserError(f"norm {name!r}: top-k needs k >= 1")
-        return NormSpec(family, math.inf, None if int(k) == 1 else int(k))
-    return NormSpec(family, {"l2": 2.0, "l1": 1.0, "linf": math.inf}[disp])
+        return NormSpec(family, math.inf, None if k == 1 else k)
+    return NormSpec(family, {"l2": 2.0, "l1": 1.0, "linf": math.inf}[m.group(1)])
 
 
 def parse_norms(text: str | Sequence[str]) -> list[NormSpec]:
