@@ -44,8 +44,10 @@ def _register() -> None:
     """One line per command; each command module imports the library lazily, inside the command."""
     from normbench.cli.info import info
     from normbench.cli.plot import plot, register_subcommands
+    from normbench.cli.profile import profile
 
     main.add_command(info)
+    main.add_command(profile)
     register_subcommands()
     main.add_command(plot)
 

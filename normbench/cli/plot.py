@@ -26,3 +26,6 @@ def plot() -> None:
 
 def register_subcommands() -> None:
     """Each command module adds its plot subcommand here (one line each)."""
+    from normbench.cli.profile import plot_profile
+
+    plot.add_command(plot_profile)

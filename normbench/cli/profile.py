@@ -1,0 +1,199 @@
+"""``normbench profile`` (speed, bandwidth and memory of the norm layers) and
+``normbench plot profile FILE`` (its figures). Both only parse, call :mod:`normbench.bench` or
+:mod:`normbench.plots.profile`, and render."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterable
+
+import click
+
+
+
+@click.command()
+@click.option("--norm", help="Norms, comma-separated: l2, l1, linf, top<k> (batch-norm), layernorm, rmsnorm, "
+              "groupnorm and their Lp variants (l1-layernorm ...). Default: each shape group's own.")
+@click.option("--impl", help="Implementations: torch, eager, analytic, paper. Default: all.")
+@click.option("--dtype", help="Dtypes: fp32, bf16, fp16, fp64, fp8_e4m3, fp8_e5m2. Default: fp32,bf16.")
+@click.option("--shape", help="Input shapes, e.g. 32x64x56x56,4096x1024 (instead of the default grid).")
+@click.option("--preset", help="Shape presets: resnet50 (batch 32 and 256), resnet50-b32, resnet50-b256, "
+              "transformer (4096 rows x 1k..16k hidden).")
+@click.option("--pass", "pass_", help="Passes: fwd, bwd, fwd+bwd. Default: fwd,fwd+bwd.")
+@click.option("--mode", help="Modes: train, eval. Default: train.")
+@click.option("--memory-format", help="Memory formats: contiguous, channels_last. Default: contiguous.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda when available), cpu or cuda.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (default: torch's own setting). "
+              "On a machine shared with other work, --threads 1 gives far steadier numbers.")
+@click.option("--quick", is_flag=True, help="A reduced grid that finishes in well under a minute (CI uses it).")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write the results here as cells finish: "
+              ".json, .jsonl or .csv.")
+@click.option("--resume", is_flag=True, help="Keep the cells already in --output and run only the others.")
+@click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (one profiled call per cell).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | None, preset: str | None,
+            pass_: str | None, mode: str | None, memory_format: str | None, device: str, threads: int | None,
+            quick: bool, output: str | None, resume: bool, no_memory: bool, quiet: bool) -> None:
+    """How fast is each norm layer, per dtype and shape, forward and backward, against torch's own
+    layer and against this device's copy bandwidth; and how much memory does it keep for backward?
+
+    With no options runs a default grid (about a minute on a 2-core CPU) and prints one table per
+    shape group: in each block of one shape, dtype and pass the fastest row comes first, and the
+    bar shows how close each comes to the bandwidth limit.
+    """
+    from normbench.axes import resolve_device
+    from normbench.bench import KEY_FIELDS, make_spec, run
+    from normbench.errors import UserError
+    from normbench.results import ResultsWriter, environment, schema_name
+
+    if resume and not output:
+        raise UserError("--resume needs --output (the file whose finished cells to keep)")
+    spec = make_spec(norm=norm, impl=impl, dtype=dtype, shape=shape, preset=preset, pass_=pass_, mode=mode,
+                     memory_format=memory_format, device=device, quick=quick, measure_memory=not no_memory,
+                     threads=threads)
+    dev = resolve_device(spec.device)
+    writer = None
+    if output:
+        import torch
+
+        env = environment(dev)
+        env["threads"] = threads or torch.get_num_threads()
+        writer = ResultsWriter(output, schema_name("profile"), env, KEY_FIELDS, resume=resume)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err = Console(stderr=True)
+    show = not quiet and sys.stderr.isatty()
+    with Progress(TextColumn("[bold]profile[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=err, disable=not show, transient=True) as bar:
+        task = bar.add_task("copy bandwidth", total=None)
+
+        def progress(done: int, total: int, label: str) -> None:
+            bar.update(task, completed=done, total=total, description=label)
+
+        records = run(spec, on_record=writer.write if writer else None, skip=writer.has if writer else None,
+                      previous=writer.records if writer else (), on_progress=progress)
+    shown = writer.records if writer else records
+    out = Console()
+    if not out.is_terminal:  # a file or a pipe: no terminal width to respect
+        out = Console(width=120)
+    render(shown, out)
+    if writer:
+        click.echo(f"{len(records)} cells measured, {len(writer.records)} in {writer.path}", err=True)
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.0f} µs"
+
+
+def _fmt_mb(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
+
+def _bar(fraction: float | None, width: int = 8) -> str:
+    """A bar of ``fraction`` of the copy bandwidth, coloured by how close it comes."""
+    if fraction is None:
+        return "-"
+    filled = max(0, min(width, round(fraction * width)))
+    color = "green" if fraction >= 0.5 else "yellow" if fraction >= 0.2 else "red"
+    over = "+" if fraction > 1 else " "
+    return f"[{color}]{'█' * filled}[/][dim]{'·' * (width - filled)}[/]{over}{fraction * 100:4.0f}%"
+
+
+def _fmt_speedup(value: float | None) -> str:
+    if value is None:
+        return "-"
+    color = "green" if value >= 1.05 else "red" if value < 0.95 else ""
+    return f"[{color}]{value:.2f}x[/]" if color else f"{value:.2f}x"
+
+
+def render(records: Iterable[dict[str, Any]], console: Any) -> None:
+    """One rich table per shape group. Rows come in blocks of one shape, dtype, pass, mode and
+    memory format (a bold header row each), fastest first and marked; skipped and failed cells are
+    listed under the table with their reasons."""
+    from rich import box
+    from rich.table import Table
+
+    records = list(records)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(r.get("group") or "results", []).append(r)
+    for name, rows in groups.items():
+        ok = [r for r in rows if r.get("status") == "ok"]
+        bad = [r for r in rows if r.get("status") != "ok"]
+        peaks = sorted(r["peak_gbps"] for r in ok if r.get("peak_gbps"))
+        threads = sorted({r.get("threads") for r in rows if r.get("threads")})
+        devices = sorted({r.get("device") for r in rows if r.get("device")})
+        caption = (", ".join(devices)
+                   + (f", {'/'.join(map(str, threads))} threads" if threads and devices == ["cpu"] else "")
+                   + (f"; copy bandwidth {peaks[len(peaks) // 2]:.1f} GB/s" if peaks else "")
+                   + ". time: median ± IQR; GB/s: fewest bytes of the pass / time; "
+                   "vs torch: torch's layer time / this time; saved: kept for backward")
+        table = Table(title=f"[bold]{name}[/]", caption=caption, caption_justify="left", box=box.SIMPLE_HEAD,
+                      pad_edge=False)
+        table.add_column("shape dtype pass / norm impl", no_wrap=True)
+        table.add_column("time ± IQR", justify="right", no_wrap=True)
+        table.add_column("GB/s", justify="right", no_wrap=True)
+        table.add_column("of copy bandwidth", no_wrap=True)
+        table.add_column("vs torch", justify="right", no_wrap=True)
+        table.add_column("saved MiB", justify="right", no_wrap=True)
+        table.add_column("peak MiB", justify="right", no_wrap=True)
+        blocks: dict[tuple, list[dict[str, Any]]] = {}
+        for r in ok:
+            key = (r.get("shape"), r.get("dtype"), r.get("pass"), r.get("mode"), r.get("memory_format"))
+            blocks.setdefault(key, []).append(r)
+        for (shp, dt, ps, md, fmt), block in blocks.items():
+            block.sort(key=lambda r: r["time_median_s"])
+            header = f"{shp}  {dt}  {ps}" + ("" if md == "train" else f"  {md}") + ("" if fmt == "contiguous" else f"  {fmt}")
+            table.add_row(f"[bold]{header}[/]")
+            for i, r in enumerate(block):
+                name_cell = f"  {r['norm']} {r['impl']}"
+                time_cell = f"{_fmt_time(r['time_median_s'])} ±{_fmt_time(r.get('time_iqr_s'))}"
+                if i == 0:
+                    name_cell = f"[bold green]▶ {r['norm']} {r['impl']}[/]"
+                    time_cell = f"[bold green]{time_cell}[/]"
+                table.add_row(
+                    name_cell, time_cell,
+                    "-" if r.get("gbps") is None else f"{r['gbps']:.1f}",
+                    _bar(r.get("sol_fraction")),
+                    "[dim]ref[/]" if r["impl"] == "torch" else _fmt_speedup(r.get("speedup_vs_torch")),
+                    _fmt_mb(r.get("saved_bytes")), _fmt_mb(r.get("peak_memory_bytes")),
+                    end_section=i == len(block) - 1,
+                )
+        console.print(table)
+        reasons: dict[tuple[str, str], set[str]] = {}
+        for r in bad:
+            reasons.setdefault((r.get("status", "?"), r.get("reason") or ""), set()).add(f"{r['norm']} {r['impl']}")
+        for (status, reason), cells in reasons.items():
+            color = "yellow" if status == "skipped" else "red"
+            console.print(f"  [{color}]{status}[/] {', '.join(sorted(cells))}: {reason}")
+
+
+@click.command("profile")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--output-dir", default="normbench-out", show_default=True, type=click.Path(file_okay=False),
+              help="Where the figures go.")
+@click.option("--format", "formats", default="png", show_default=True, help="Figure formats: png, svg (comma-separated).")
+@click.option("--metric", type=click.Choice(["gbps", "time"]), default="gbps", show_default=True,
+              help="Plot achieved GB/s (against the copy bandwidth) or time (against the speed of light).")
+def plot_profile(file: str, output_dir: str, formats: str, metric: str) -> None:
+    """Draw a `normbench profile` results file: one figure per shape group, a panel per dtype and
+    pass, a line per norm and implementation, and the device's copy bandwidth."""
+    from normbench.axes import split_list
+    from normbench.errors import UserError
+    from normbench.plots.profile import FORMATS, plot_profile_file
+
+    fmts = [f.lower() for f in split_list(formats)]
+    bad = [f for f in fmts if f not in FORMATS]
+    if not fmts or bad:
+        raise UserError(f"--format: use {', '.join(FORMATS)}, got {formats!r}")
+    paths = plot_profile_file(file, output_dir, formats=fmts, metric=metric)
+    for p in paths:
+        click.echo(str(p))
