@@ -1,0 +1,157 @@
+"""The three ways a stability cell computes a norm layer, forward and input gradient:
+
+- :func:`reference`: normbench's layer (plain formula, ``impl="eager"``) in float64;
+- :func:`framework`: normbench's layer as shipped (``impl="auto"``) run in the tested dtype, which
+  accumulates its statistics in float32 (as torch's own layers do);
+- :func:`native`: the same formula through the :class:`~normbench.numerics.emulator.Emulator`,
+  every intermediate rounded to the dtype and every reduction done in the dtype.
+
+All three see the same input values (already rounded to the tested dtype) and the same upstream
+gradient. The layers' affine parameters stay at their initial values (weight 1, bias 0), where the
+affine step is exact in every format, so the emulated formula leaves it out.
+
+Every statistic reduces one "row": a channel for batch-norm, a normalized row for layer/RMS-norm,
+a (sample, group) for group-norm. :func:`to_rows` lays a tensor out as ``(rows, n)``, the layout
+metrics are computed in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from normbench.axes import GROUPS, NormSpec
+from normbench.kernels.constants import dispersion_constant
+from normbench.kernels.reference import lp_normalize
+from normbench.numerics.emulator import Emulator
+from normbench.numerics.formats import Format
+
+
+def to_rows(x: torch.Tensor, norm: NormSpec) -> torch.Tensor:
+    """``x`` as ``(rows, n)``: one row per statistic of ``norm`` (a copy where needed)."""
+    if norm.family == "batchnorm":
+        return x.transpose(0, 1).reshape(x.shape[1], -1)
+    if norm.family == "groupnorm":
+        return x.reshape(x.shape[0] * math.gcd(GROUPS, x.shape[1]), -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def from_rows(rows: torch.Tensor, shape: tuple[int, ...], norm: NormSpec) -> torch.Tensor:
+    """Inverse of :func:`to_rows`."""
+    if norm.family == "batchnorm":
+        moved = (shape[1], shape[0], *shape[2:])
+        return rows.reshape(moved).transpose(0, 1)
+    return rows.reshape(shape)
+
+
+@dataclass
+class Outcome:
+    """What one computation of a layer gave, as float64 rows ``(rows, n)``: the output ``y`` and
+    input gradient ``dx`` (after rounding to the storage dtype), the per-row statistic and
+    dispersion, and where values left the dtype's range (``overflow_stage``: ``"statistic"`` or
+    ``"output"``, None when nothing overflowed; the input cast is checked by the caller)."""
+
+    y: torch.Tensor
+    dx: torch.Tensor
+    stat: torch.Tensor | None
+    scale: torch.Tensor | None
+    overflow_stage: str | None
+
+
+def _overflowed(t: torch.Tensor | None, fmt: Format) -> bool:
+    """Whether ``t`` holds an infinity or a value beyond ``fmt``'s range (a saturating format
+    hides overflow by clamping; this catches it before the clamp)."""
+    if t is None:
+        return False
+    t = t.detach()
+    return bool(torch.isinf(t).any() or (t.abs() >= fmt.overflow_threshold).any())
+
+
+def _store(t: torch.Tensor, storage: Format) -> torch.Tensor:
+    return storage.round(t.detach().to(torch.float64))
+
+
+def reference(x: torch.Tensor, dy: torch.Tensor, norm: NormSpec, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and input gradient of normbench's layer in float64 (``impl="eager"``: the plain
+    formula under autograd), as rows."""
+    module = norm.module(tuple(x.shape), impl="eager", eps=eps).to(device=x.device, dtype=torch.float64).train()
+    xr = x.detach().to(torch.float64).requires_grad_(True)
+    y = module(xr)
+    y.backward(dy.to(torch.float64))
+    return to_rows(y.detach(), norm), to_rows(xr.grad, norm)
+
+
+def framework(
+    x: torch.Tensor, dy: torch.Tensor, norm: NormSpec, eps: float, compute: torch.dtype, storage: Format
+) -> Outcome:
+    """Normbench's layer as users run it: the module (``impl="auto"``) in the dtype ``compute``
+    (float32 statistics inside), output and gradient rounded to ``storage`` (fp8 is storage only).
+    The statistic stage is checked on the same float32 statistics the layer computes."""
+    module = norm.module(tuple(x.shape), eps=eps).to(device=x.device).train()
+    xc = x.detach().to(compute).requires_grad_(True)
+    y = module(xc)
+    y.backward(dy.to(compute))
+    rows = to_rows(xc.detach(), norm)
+    with torch.no_grad():
+        _, _, stat = lp_normalize(rows, (1,), norm.p, norm.k, eps, center=norm.family != "rmsnorm")
+    stage = None
+    if bool(torch.isinf(stat).any()):
+        stage = "statistic"
+    elif _overflowed(y.detach().double(), storage):
+        stage = "output"
+    return Outcome(
+        y=to_rows(_store(y, storage), norm),
+        dx=to_rows(_store(xc.grad, storage), norm),
+        stat=stat.reshape(-1).double(),
+        scale=None,
+        overflow_stage=stage,
+    )
+
+
+def native_forward(
+    x: torch.Tensor, emu: Emulator, p: float, k: int | None, eps: float, center: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Lp normalization of rows ``x`` (float64 values of the emulator's format, shape
+    ``(rows, n)``) in emulated arithmetic: every operation rounded, means in the emulator's
+    reduction order, eps and the dispersion constant rounded to the format.
+    Returns ``(y, stat, D)``; differentiable through the emulator."""
+    n = x.shape[-1]
+    u = emu.sub(x, emu.mean(x, (-1,), keepdim=True)) if center else x
+    if p == 2:
+        stat = emu.mean(emu.mul(u, u), (-1,), keepdim=True)
+        scale = emu.sqrt(emu.add_scalar(stat, eps))
+    else:
+        a = emu.abs(u)
+        if p == 1:
+            stat = emu.mean(a, (-1,), keepdim=True)
+        elif k is None:
+            stat = emu.amax(a, (-1,), keepdim=True)
+        else:
+            stat = emu.topk_mean_last(a, k)
+        scale = emu.add_scalar(emu.scale(stat, dispersion_constant(p, n, k)), eps)
+    return emu.div(u, scale), stat, scale
+
+
+def native(x: torch.Tensor, dy: torch.Tensor, norm: NormSpec, eps: float, emu: Emulator, storage: Format) -> Outcome:
+    """The layer's formula in emulated low-precision arithmetic (format and reduction order of
+    ``emu``), forward and backward, output and gradient rounded to ``storage``."""
+    rows = to_rows(x.detach().to(torch.float64), norm)
+    if norm.k is not None and norm.k > rows.shape[-1]:
+        raise ValueError(f"top-k needs k <= the {rows.shape[-1]} values per statistic, got k={norm.k}")
+    xr = rows.clone().requires_grad_(True)
+    y, stat, scale = native_forward(emu.input(xr), emu, norm.p, norm.k, eps, center=norm.family != "rmsnorm")
+    y.backward(to_rows(dy.to(torch.float64), norm))
+    stage = None
+    if _overflowed(stat, emu.format) or _overflowed(scale, emu.format):
+        stage = "statistic"
+    elif _overflowed(y, emu.format) or _overflowed(y, storage):
+        stage = "output"
+    return Outcome(
+        y=_store(y, storage),
+        dx=_store(xr.grad, storage),
+        stat=stat.detach().reshape(-1),
+        scale=scale.detach().reshape(-1),
+        overflow_stage=stage,
+    )
