@@ -1,0 +1,100 @@
+"""The timing engine, driven by a fake clock: no real timing here."""
+
+from __future__ import annotations
+
+import pytest
+
+from normbench.bench.timing import CpuTimer, Measurement, TimingSpec, measure
+
+
+class FakeClock:
+    """A clock that only moves when a fake call says how long it took."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def scripted(clock: FakeClock, durations: list[float]):
+    """A callable whose i-th call takes durations[i] seconds (the last one repeats)."""
+    calls = []
+
+    def fn() -> None:
+        d = durations[min(len(calls), len(durations) - 1)]
+        calls.append(d)
+        clock.now += d
+
+    return fn, calls
+
+
+def test_first_call_is_kept_apart_and_warmup_never_sampled():
+    clock = FakeClock()
+    # first call 5 s (a compile), two more warm-up calls at 1 s, then 10 ms calls
+    fn, calls = scripted(clock, [5.0, 1.0, 1.0] + [0.01] * 500)
+    spec = TimingSpec(warmup_calls=3, min_repeats=4, max_repeats=50, min_time_s=0.05, max_time_s=1.0, min_block_s=0,
+                      floor_repeats=2)
+    m = measure(fn, spec, CpuTimer(clock))
+    assert m.first_call_s == pytest.approx(5.0)
+    assert all(t == pytest.approx(0.01) for t in m.times)
+    assert m.number == 1
+    assert m.repeats == 5  # 4 samples reach min_repeats but only 0.04 s < min_time_s; the 5th gets 0.05
+    assert len(calls) == 3 + 5
+
+
+def test_short_calls_are_batched_into_blocks():
+    clock = FakeClock()
+    fn, calls = scripted(clock, [1e-4])
+    spec = TimingSpec(warmup_calls=2, min_repeats=3, max_repeats=3, min_time_s=0, max_time_s=1, min_block_s=1e-3,
+                      floor_repeats=3)
+    m = measure(fn, spec, CpuTimer(clock))
+    assert m.number == 10  # ceil(1e-3 / 1e-4)
+    assert m.repeats == 3
+    assert len(calls) == 2 + 3 * 10
+    assert m.median == pytest.approx(1e-4)
+
+
+def test_max_repeats_caps_a_fast_cell():
+    clock = FakeClock()
+    fn, _ = scripted(clock, [1e-3])
+    spec = TimingSpec(warmup_calls=1, min_repeats=5, max_repeats=8, min_time_s=10.0, max_time_s=20.0, min_block_s=0)
+    assert measure(fn, spec, CpuTimer(clock)).repeats == 8
+
+
+def test_max_time_stops_a_slow_cell_at_the_floor():
+    clock = FakeClock()
+    fn, _ = scripted(clock, [1.0])
+    spec = TimingSpec(warmup_calls=1, min_repeats=20, max_repeats=100, min_time_s=0.1, max_time_s=2.0,
+                      floor_repeats=5, min_block_s=0)
+    m = measure(fn, spec, CpuTimer(clock))
+    assert m.repeats == 5  # 2 s of budget passed after 2 samples, but 5 is the floor
+
+
+def test_median_and_iqr_of_known_samples():
+    m = Measurement(times=(5.0, 1.0, 3.0, 2.0, 4.0), number=1, first_call_s=0.0)
+    assert m.median == 3.0
+    assert m.iqr == pytest.approx(2.0)  # inclusive quartiles 2 and 4
+    assert m.mean == 3.0
+    assert Measurement((7.0,), 1, 0.0).iqr == 0.0
+
+
+def test_an_outlier_moves_the_median_not_much():
+    clock = FakeClock()
+    fn, _ = scripted(clock, [0.01, 0.01] + [0.01, 0.5, 0.01, 0.01, 0.011, 0.01, 0.009] * 3)
+    spec = TimingSpec(warmup_calls=2, min_repeats=7, max_repeats=7, min_time_s=0, max_time_s=10, min_block_s=0)
+    m = measure(fn, spec, CpuTimer(clock))
+    assert m.median == pytest.approx(0.01)
+    assert m.mean > 0.07  # the mean would have been fooled
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(warmup_calls=0),
+    dict(min_repeats=0, floor_repeats=0),
+    dict(min_repeats=10, max_repeats=5),
+    dict(floor_repeats=20, min_repeats=10),
+    dict(min_time_s=3.0, max_time_s=1.0),
+])
+def test_bad_timing_specs_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        TimingSpec(**kwargs)
