@@ -29,3 +29,9 @@ def register_subcommands() -> None:
     from normbench.cli.profile import plot_profile
 
     plot.add_command(plot_profile)
+    from normbench.cli.plot_equivalence import equivalence
+
+    plot.add_command(equivalence)
+    from normbench.cli.stability import plot_stability
+
+    plot.add_command(plot_stability)

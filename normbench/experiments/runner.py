@@ -1,0 +1,403 @@
+"""Training runs of the equivalence experiments, cached by their configuration.
+
+:func:`run` takes an :class:`ExperimentConfig` (a grid of regimes x seeds x protocols plus the
+shared settings) and returns one record per run, in the ``normbench.equivalence/1`` layout of
+DESIGN.md. Each run is identified by the hash of everything that changes its numbers (dataset,
+model, optimizer settings, epochs, seed, protocol, the regime's training spec, device, and
+:data:`CODE_VERSION`); a finished run is stored as ``<cache_dir>/<hash>.json`` and reused, so
+drawing again does not retrain. The corrected and norm-schedule regimes read the per-channel norms
+of the ``wd_on`` run of the same seed and protocol, which is trained (or read from the cache) first.
+
+SGD with momentum is written out (it is torch's SGD: ``buf = mu * buf + (grad + wd * w)``,
+``w -= lr * buf``) because the correction scales each conv channel's step by its own factor.
+Runs are deterministic for a seed on the CPU at a fixed thread count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normbench.errors import UserError
+from normbench.experiments.data import DATASETS, Dataset, load_dataset
+from normbench.experiments.models import ARCHS, build_model, conv_layers, is_last_layer_param
+from normbench.experiments.recorder import Recorder, channel_norms, direction_param
+from normbench.experiments.regimes import (
+    REFERENCE_REGIME,
+    REGIMES,
+    WD_REGIMES,
+    Regime,
+    check_protocol,
+    lr_at,
+    norm_schedule_factor,
+    parse_regimes,
+    weight_decay_of,
+)
+
+KINDS = ("conv", "other", "last")
+
+CODE_VERSION = 1  # bump when a change to training changes the numbers: old cache entries go stale
+
+
+@dataclass
+class ExperimentConfig:
+    """A grid of runs (regimes x seeds x protocols) and the settings they share."""
+
+    regimes: list[str] = field(default_factory=lambda: list(REGIMES))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    protocols: list[str] = field(default_factory=lambda: ["isolated"])
+    dataset: str = "digits"
+    data_dir: str | None = None
+    train_size: int | None = None
+    label_noise: float = 0.0
+    data_seed: int = 0
+    model: str = "small"
+    width: int | None = None
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.9
+    wd: float = 5e-4
+    gamma: float = 0.1
+    device: str = "cpu"
+
+    def validate(self) -> "ExperimentConfig":
+        """Check every field; a UserError names the first bad one. Returns self."""
+        self.regimes = parse_regimes(self.regimes)
+        if not self.seeds:
+            raise UserError("no seed given")
+        if not self.protocols:
+            raise UserError("no protocol given")
+        for p in self.protocols:
+            check_protocol(p)
+        if self.dataset not in DATASETS:
+            raise UserError(f"unknown dataset {self.dataset!r}: use one of {', '.join(DATASETS)}")
+        if self.model not in ARCHS:
+            raise UserError(f"unknown model {self.model!r}: use one of {', '.join(ARCHS)}")
+        for name, value, low in (("epochs", self.epochs, 1), ("batch size", self.batch_size, 1)):
+            if value < low:
+                raise UserError(f"{name} must be at least {low}, got {value}")
+        for name, value in (("lr", self.lr), ("weight decay", self.wd)):
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"{name} must be a finite number >= 0, got {value}")
+        if not 0 <= self.momentum < 1:
+            raise UserError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0 < self.gamma <= 1:
+            raise UserError(f"lr decay factor must be in (0, 1], got {self.gamma}")
+        if self.train_size is not None and self.train_size < 1:
+            raise UserError(f"train size must be positive, got {self.train_size}")
+        return self
+
+    def run_config(self, regime: str, seed: int, protocol: str) -> dict[str, Any]:
+        """The JSON configuration of one run (what its hash covers, plus the regime's name)."""
+        shared = asdict(self)
+        for key in ("regimes", "seeds", "protocols"):
+            shared.pop(key)
+        shared["device"] = torch.device(self.device).type
+        r = REGIMES[regime]
+        spec = dict(r.spec(), **{f"wd_{kind}": weight_decay_of(kind, r, protocol, self.wd) for kind in KINDS})
+        return {"regime": regime, "seed": seed, "protocol": protocol, **shared, "spec": spec}
+
+
+def config_hash(run_config: dict[str, Any]) -> str:
+    """The cache key of a run: a hash of its configuration without the regime's and protocol's
+    names (the spec holds what they change: who gets which weight decay, the step rule), so runs
+    that train identically, such as ``wd_on`` and ``batch_norm``, or ``wd_on`` under both
+    protocols, share one entry."""
+    keyed = {k: v for k, v in run_config.items() if k not in ("regime", "protocol")}
+    keyed["code_version"] = CODE_VERSION
+    text = json.dumps(keyed, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Progress(Protocol):
+    """What :func:`run` reports while it works (the CLI draws rich progress bars from it)."""
+
+    def run_started(self, label: str, epochs: int) -> None: ...
+
+    def epoch_done(self) -> None: ...
+
+    def run_finished(self, cached: bool) -> None: ...
+
+
+class _NoProgress:
+    def run_started(self, label: str, epochs: int) -> None:
+        pass
+
+    def epoch_done(self) -> None:
+        pass
+
+    def run_finished(self, cached: bool) -> None:
+        pass
+
+
+def _param_table(model: nn.Module) -> list[tuple[str, nn.Parameter, str, str | None]]:
+    """Every parameter as ``(name, param, kind, conv layer name if it is that layer's direction
+    parameter)``; kind is ``conv``, ``last`` or ``other`` (see :func:`weight_decay_of`)."""
+    conv_names = {}
+    direction = {}
+    for layer, conv in conv_layers(model):
+        for pname, p in conv.named_parameters():
+            conv_names[id(p)] = layer
+        direction[id(direction_param(conv))] = layer
+    table = []
+    for name, p in model.named_parameters():
+        if id(p) in conv_names:
+            kind = "conv"
+        elif is_last_layer_param(name):
+            kind = "last"
+        else:
+            kind = "other"
+        table.append((name, p, kind, direction.get(id(p))))
+    return table
+
+
+def _reference_targets(reference: dict[str, Any], epoch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The WD run's per-channel norms at the end of ``epoch``, per conv layer."""
+    entry = reference["epochs"][epoch]
+    return {
+        name: torch.tensor(layer["channel_norms"], dtype=torch.float64, device=device)
+        for name, layer in entry["layers"].items()
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of the model in eval mode."""
+    model.eval()
+    loss = 0.0
+    correct = 0
+    for i in range(0, len(y), batch):
+        out = model(x[i : i + batch])
+        loss += float(F.cross_entropy(out, y[i : i + batch], reduction="sum"))
+        correct += int((out.argmax(1) == y[i : i + batch]).sum())
+    model.train()
+    return loss / len(y), correct / len(y)
+
+
+def train_run(
+    run_config: dict[str, Any],
+    data: Dataset,
+    reference: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train one run and return its record. ``reference`` is the ``wd_on`` record of the same
+    seed and protocol, needed by the regimes that follow its norms."""
+    progress = progress or _NoProgress()
+    regime: Regime = REGIMES[run_config["regime"]]
+    if regime.needs_reference and (reference is None or len(reference["epochs"]) < run_config["epochs"]):
+        raise ValueError(f"{regime.name} needs a complete {REFERENCE_REGIME} record of the same seed")
+    device = torch.device(run_config["device"])
+    epochs, lr, mu, wd, gamma = (run_config[k] for k in ("epochs", "lr", "momentum", "wd", "gamma"))
+    protocol = run_config["protocol"]
+    seed = run_config["seed"]
+
+    torch.manual_seed(seed)
+    model = build_model(run_config["model"], regime.norm, regime.p, data.input_shape, data.num_classes, run_config["width"])
+    model.to(device).train()
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    shuffle = torch.Generator().manual_seed(seed)
+    params = _param_table(model)
+    decay = {name: weight_decay_of(kind, regime, protocol, wd) for name, _, kind, _ in params}
+    buffers = {name: torch.zeros_like(p) for name, p, _, _ in params}
+    recorder = Recorder(model)
+    n = len(y_train)
+    batch = min(run_config["batch_size"], n)
+
+    record: dict[str, Any] = {
+        "regime": regime.name,
+        "seed": seed,
+        "protocol": protocol,
+        "status": "ok",
+        "reason": None,
+        "config": run_config,
+        "config_hash": config_hash(run_config),
+        "diverged": False,
+        "epochs": [],
+    }
+    progress.run_started(f"{regime.name} seed {seed} ({protocol})", epochs)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        lr_e = lr_at(epoch, epochs, lr, gamma)
+        conv_lr = lr if regime.norm_schedule else lr_e
+        targets: dict[str, torch.Tensor] = {}
+        if regime.correction or regime.norm_schedule:
+            targets = _reference_targets(reference, epoch, device)  # type: ignore[arg-type]
+            if regime.norm_schedule:
+                factor = norm_schedule_factor(epoch, epochs, gamma)
+                targets = {k: v * factor for k, v in targets.items()}
+        order = torch.randperm(n, generator=shuffle).to(device)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for i in range(0, n - batch + 1, batch):  # drop the last incomplete batch
+            idx = order[i : i + batch]
+            out = model(x_train[idx])
+            loss = F.cross_entropy(out, y_train[idx])
+            if not torch.isfinite(loss):
+                record["diverged"] = True
+                record["reason"] = f"loss became {float(loss.detach())} in epoch {epoch}"
+                break
+            for _, p, _, _ in params:
+                p.grad = None
+            loss.backward()
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((out.argmax(1) == y_train[idx]).sum())
+            seen += len(idx)
+            before = recorder.snapshot()
+            with torch.no_grad():
+                for name, p, kind, layer in params:
+                    d = p.grad if decay[name] == 0 else p.grad + decay[name] * p
+                    buf = buffers[name].mul_(mu).add_(d)
+                    step_lr = conv_lr if kind == "conv" else lr_e
+                    if regime.correction and layer is not None:
+                        scale = channel_norms(p).square() / targets[layer].square()
+                        p.sub_(step_lr * scale.to(p.dtype).view(-1, *([1] * (p.dim() - 1))) * buf)
+                    else:
+                        p.sub_(step_lr * buf)
+                if regime.norm_schedule:
+                    for name, p, kind, layer in params:
+                        if layer is not None:
+                            ratio = targets[layer] / channel_norms(p)
+                            p.mul_(ratio.to(p.dtype).view(-1, *([1] * (p.dim() - 1))))
+            recorder.after_step(before)
+        if record["diverged"]:
+            break
+        multipliers = None
+        if regime.correction:
+            multipliers = {
+                layer: channel_norms(p).square() / targets[layer].square()
+                for _, p, _, layer in params
+                if layer is not None
+            }
+        test_loss, test_acc = evaluate(model, x_test, y_test)
+        record["epochs"].append(
+            {
+                "epoch": epoch,
+                "lr": lr_e,
+                "conv_lr": conv_lr,
+                "train_loss": loss_sum / max(seen, 1),
+                "train_acc": correct / max(seen, 1),
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "layers": recorder.epoch_layers(conv_lr, multipliers),
+            }
+        )
+        progress.epoch_done()
+    record["train_seconds"] = time.perf_counter() - start
+    last = record["epochs"][-1] if record["epochs"] else {}
+    record["final"] = {k: last.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
+    return record
+
+
+def _cache_read(cache_dir: Path | None, key: str) -> dict[str, Any] | None:
+    if cache_dir is None:
+        return None
+    path = cache_dir / f"{key}.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a damaged entry is trained again
+
+
+def _cache_write(cache_dir: Path | None, key: str, record: dict[str, Any]) -> None:
+    if cache_dir is None:
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f"{key}.json.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, cache_dir / f"{key}.json")
+
+
+def run(
+    config: ExperimentConfig,
+    cache_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    retrain: bool = False,
+    on_record: Any = None,
+) -> list[dict[str, Any]]:
+    """Run (or read from the cache) every run of the grid; returns their records in grid order
+    (protocol, seed, regime), each with ``cached``: whether it was read from the cache rather than
+    trained by this call. ``retrain`` ignores the cache (and refreshes it). ``on_record(record)``
+    is called as each record is ready, so callers can stream them to a results file."""
+    config.validate()
+    progress = progress or _NoProgress()
+    cache = Path(cache_dir) if cache_dir is not None else None
+    data = load_dataset(config.dataset, config.data_dir, config.train_size, config.label_noise, config.data_seed)
+    trained: dict[str, dict[str, Any]] = {}  # this call's records by hash
+    fresh: set[str] = set()  # the hashes this call trained (the rest came from the cache)
+
+    def get(regime: str, seed: int, protocol: str, reference: dict[str, Any] | None) -> dict[str, Any]:
+        rc = config.run_config(regime, seed, protocol)
+        key = config_hash(rc)
+        if key in trained:
+            record = trained[key]
+            cached = key not in fresh
+        else:
+            record = None if retrain else _cache_read(cache, key)
+            cached = record is not None
+            if record is None:
+                record = train_run(rc, data, reference, progress)
+                _cache_write(cache, key, record)
+                fresh.add(key)
+            else:
+                progress.run_started(f"{regime} seed {seed} ({protocol})", config.epochs)
+            trained[key] = record
+            progress.run_finished(cached)
+        out = dict(record, regime=regime, config=rc, cached=cached)
+        return out
+
+    records = []
+    for protocol in config.protocols:
+        regimes = regimes_for(config, protocol)
+        for seed in config.seeds:
+            reference = None
+            if any(REGIMES[r].needs_reference for r in regimes):
+                reference = get(REFERENCE_REGIME, seed, protocol, None)
+                if reference["diverged"]:
+                    raise UserError(f"the {REFERENCE_REGIME} run of seed {seed} diverged: nothing to correct towards")
+            for regime in regimes:
+                record = get(regime, seed, protocol, reference)
+                records.append(record)
+                if on_record is not None:
+                    on_record(record)
+    return records
+
+
+def regimes_for(config: ExperimentConfig, protocol: str) -> list[str]:
+    """The regimes run under ``protocol``: all of them under the first protocol; under the others
+    only the WD regimes, since the normalization and Lp comparisons decay every parameter and so
+    train the same under both protocols."""
+    if protocol == config.protocols[0]:
+        return list(config.regimes)
+    return [r for r in config.regimes if r in WD_REGIMES]
+
+
+def count_runs(config: ExperimentConfig) -> int:
+    """How many distinct trainings the grid needs (for an overall progress bar)."""
+    config.validate()
+    keys = set()
+    for protocol in config.protocols:
+        for seed in config.seeds:
+            regimes = regimes_for(config, protocol)
+            if any(REGIMES[r].needs_reference for r in regimes):
+                regimes.append(REFERENCE_REGIME)
+            for regime in regimes:
+                keys.add(config_hash(config.run_config(regime, seed, protocol)))
+    return len(keys)
+
+
+def with_overrides(config: ExperimentConfig, **changes: Any) -> ExperimentConfig:
+    """A copy of ``config`` with the non-None ``changes`` applied."""
+    return replace(config, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,265 @@
+"""Figures of the weight-norm / learning-rate equivalence experiments.
+
+Every function reads records in the ``normbench.equivalence/1`` layout (and the scale-invariance
+check's records) and draws; nothing here trains or measures. Lines are the mean over seeds and
+the shaded band spans the lowest to the highest seed. matplotlib is imported here only, with the
+non-interactive Agg backend, so that drawing works without a display.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+FORMATS = ("png", "svg", "pdf")
+WD_REGIMES = ("wd_on", "wd_off", "wd_off_corrected", "norm_schedule")
+NORM_REGIMES = ("batch_norm", "weight_norm", "bounded_weight_norm")
+LP_REGIMES = ("batch_norm_l1", "batch_norm", "batch_norm_linf")
+STYLE = {
+    "wd_on": ("tab:blue", "-"),
+    "wd_off": ("tab:red", "-"),
+    "wd_off_corrected": ("tab:green", "--"),
+    "norm_schedule": ("tab:purple", ":"),
+    "batch_norm": ("tab:blue", "-"),
+    "weight_norm": ("tab:orange", "-"),
+    "bounded_weight_norm": ("tab:green", "--"),
+    "batch_norm_l1": ("tab:brown", "-"),
+    "batch_norm_linf": ("tab:pink", "--"),
+}
+LABEL = {
+    "wd_on": "WD on",
+    "wd_off": "WD off",
+    "wd_off_corrected": "WD off, lr corrected",
+    "norm_schedule": "norm schedule",
+    "batch_norm": "BN (L2)",
+    "weight_norm": "WN + mean-only BN",
+    "bounded_weight_norm": "bounded WN + mean-only BN",
+    "batch_norm_l1": "BN (L1)",
+    "batch_norm_linf": "BN (L-inf)",
+}
+
+
+def _runs(records: Sequence[dict], regime: str, protocol: str | None) -> list[dict]:
+    return [
+        r
+        for r in records
+        if r.get("regime") == regime and r.get("status") == "ok" and (protocol is None or r.get("protocol") == protocol)
+    ]
+
+
+def _matrix(runs: Sequence[dict], value: Callable[[dict], float]) -> np.ndarray:
+    """Runs x epochs, NaN where a run stopped early (diverged)."""
+    length = max(len(r["epochs"]) for r in runs)
+    out = np.full((len(runs), length), np.nan)
+    for i, r in enumerate(runs):
+        for j, e in enumerate(r["epochs"]):
+            v = value(e)
+            out[i, j] = np.nan if v is None else v
+    return out
+
+
+def _band(ax, runs: Sequence[dict], value: Callable[[dict], float], regime: str, label: bool = True) -> None:
+    """Mean line over seeds with a min-max band."""
+    if not runs:
+        return
+    m = _matrix(runs, value)
+    x = np.arange(1, m.shape[1] + 1)
+    color, style = STYLE.get(regime, ("black", "-"))
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, low, high = np.nanmean(m, 0), np.nanmin(m, 0), np.nanmax(m, 0)
+    name = f"{LABEL.get(regime, regime)} (n={len(runs)})" if label else None
+    ax.plot(x, mean, color=color, linestyle=style, label=name, linewidth=1.6)
+    if len(runs) > 1:
+        ax.fill_between(x, low, high, color=color, alpha=0.18, linewidth=0)
+
+
+def _setting(records: Sequence[dict], protocol: str | None) -> str:
+    for r in records:
+        if protocol is None or r.get("protocol") == protocol:
+            c = r["config"]
+            extra = f", {c['label_noise']:.0%} label noise" if c.get("label_noise") else ""
+            size = f", {c['train_size']} train images" if c.get("train_size") else ""
+            proto = f"protocol {r['protocol']}, " if protocol is not None else ""
+            return (
+                f"{proto}{c['dataset']}{size}{extra}, model {c['model']}, SGD lr {c['lr']:g} "
+                f"momentum {c['momentum']:g}, WD {c['wd']:g}, {c['epochs']} epochs"
+            )
+    return ""
+
+
+def _layers(records: Sequence[dict]) -> list[str]:
+    for r in records:
+        if r.get("epochs"):
+            return list(r["epochs"][0]["layers"])
+    return []
+
+
+def fig_training(records: Sequence[dict], regimes: Sequence[str], protocol: str | None, title: str) -> Figure:
+    """Test accuracy, test loss and training loss per epoch for the given regimes."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    panels = (
+        ("test accuracy", lambda e: e["test_acc"], False),
+        ("test loss", lambda e: e["test_loss"], True),
+        ("training loss (epoch mean)", lambda e: e["train_loss"], True),
+    )
+    for ax, (name, value, log) in zip(axes, panels):
+        for regime in regimes:
+            _band(ax, _runs(records, regime, protocol), value, regime)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title}\n{_setting(records, protocol)}", fontsize=10)
+    return fig
+
+
+def fig_per_layer(
+    records: Sequence[dict],
+    regimes: Sequence[str],
+    protocol: str | None,
+    key: str,
+    ylabel: str,
+    title: str,
+    theory: Callable[[dict], float] | None = None,
+    theory_label: str = "",
+) -> Figure:
+    """One panel per conv layer: ``key`` of the layer per epoch, log scale; optionally a theory
+    line computed from the epoch entries of the first regime's runs."""
+    layers = _layers(records)
+    cols = min(4, max(1, len(layers)))
+    rows = max(1, math.ceil(len(layers) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.3 * rows), constrained_layout=True, squeeze=False)
+    for ax in axes.flat[len(layers) :]:
+        ax.set_visible(False)
+    for ax, layer in zip(axes.flat, layers):
+        for regime in regimes:
+            _band(ax, _runs(records, regime, protocol), lambda e, L=layer: e["layers"][L][key], regime)
+        if theory is not None:
+            runs = _runs(records, regimes[0], protocol)
+            if runs:
+                line = [theory(e) for e in runs[0]["epochs"]]
+                ax.plot(np.arange(1, len(line) + 1), line, color="black", linestyle=":", label=theory_label)
+        ax.set_yscale("log")
+        ax.set_title(layer, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel(ylabel)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{title}\n{_setting(records, protocol)}", fontsize=10)
+    return fig
+
+
+def fig_scale_invariance(checks: Sequence[dict]) -> Figure:
+    """The numeric check: loss change and alpha * gradient ratio against alpha, per layer."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    layers = list(dict.fromkeys(c["layer"] for c in checks))
+    for layer in layers:
+        rows = [c for c in checks if c["layer"] == layer]
+        kind = rows[0]["kind"]
+        alphas = [c["alpha"] for c in rows]
+        style = "--" if kind == "control" else "-"
+        label = f"{layer} ({'last layer, control' if kind == 'control' else 'BN-preceded'})"
+        axes[0].plot(alphas, [max(c["loss_rel_change"], 1e-17) for c in rows], style, marker="o", label=label)
+        axes[1].plot(alphas, [c["grad_ratio"] for c in rows], style, marker="o", label=label)
+    axes[0].set_ylabel("|L(alpha w) - L(w)| / L(w)")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("alpha * ||grad at alpha w|| / ||grad at w||  (1 = scales as 1/alpha)")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("alpha (weight scaled by)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    eps = checks[0].get("eps") if checks else None
+    fig.suptitle(f"Scale invariance of batch-norm-preceded weights (float64, BN eps {eps:g})", fontsize=10)
+    return fig
+
+
+def _save(fig: Figure, output_dir: Path, stem: str, formats: Iterable[str]) -> list[Path]:
+    paths = []
+    for fmt in formats:
+        path = output_dir / f"{stem}.{fmt}"
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def draw_all(
+    records: Sequence[dict[str, Any]],
+    checks: Sequence[dict[str, Any]] | None,
+    output_dir: str | Path,
+    formats: Sequence[str] = ("png",),
+) -> list[Path]:
+    """Draw every figure the records allow into ``output_dir``; returns the files written.
+
+    Per protocol present: ``wd_regimes_<protocol>`` (accuracy and losses), ``weight_norm_<protocol>``,
+    ``effective_lr_<protocol>`` and ``angular_update_<protocol>`` (with the equilibrium line of the
+    WD-on run). Then ``normalizations`` (BN vs WN vs bounded WN), ``lp_batch_norm`` and
+    ``scale_invariance``. A figure whose regimes were not run is not drawn.
+    """
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown figure format {fmt!r}: use {', '.join(FORMATS)}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    ok = [r for r in records if r.get("status") == "ok" and r.get("epochs")]
+    protocols = list(dict.fromkeys(r["protocol"] for r in ok))
+    for protocol in protocols:
+        present = [g for g in WD_REGIMES if _runs(ok, g, protocol)]
+        if not present:
+            continue
+        first = _runs(ok, present[0], protocol)[0]["config"]
+        wd, mu = first["wd"], first["momentum"]
+        written += _save(
+            fig_training(ok, present, protocol, "Weight decay regimes: the paper's claim tested"),
+            out, f"wd_regimes_{protocol}", formats,
+        )
+        written += _save(
+            fig_per_layer(ok, present, protocol, "norm", "||w|| (layer)", "Weight norm per layer"),
+            out, f"weight_norm_{protocol}", formats,
+        )
+        written += _save(
+            fig_per_layer(
+                ok, present, protocol, "effective_lr", "lr / ||w_c||^2 (channel mean)",
+                "Effective learning rate per layer: the correction follows WD on by construction",
+            ),
+            out, f"effective_lr_{protocol}", formats,
+        )
+        theory = None
+        if "wd_on" in present and wd > 0:
+            theory = lambda e: math.sqrt(2 * e["lr"] * wd / (1 + mu))  # noqa: E731
+        written += _save(
+            fig_per_layer(
+                ok, present, protocol, "angular_update", "angular update per step (rad)",
+                "Angular update per step; dotted: equilibrium sqrt(2 lr WD / (1 + momentum)) of WD on",
+                theory=theory, theory_label="equilibrium (WD on)",
+            ),
+            out, f"angular_update_{protocol}", formats,
+        )
+    for regimes, stem, title in (
+        (NORM_REGIMES, "normalizations", "Batch-norm vs weight norm vs bounded weight norm"),
+        (LP_REGIMES, "lp_batch_norm", "Lp batch-norms: L1 and L-inf beside L2"),
+    ):
+        present = [g for g in regimes if _runs(ok, g, None)]
+        if len(present) >= 2:
+            proto = protocols[0] if protocols else None
+            written += _save(fig_training(ok, present, proto, title), out, stem, formats)
+    if checks:
+        written += _save(fig_scale_invariance(checks), out, "scale_invariance", formats)
+    return written
