@@ -98,7 +98,7 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in low or "can't allocate memory" in low:
         return "skipped", f"out of memory: {text}"
     if isinstance(exc, NotImplementedError) or any(
-        s in low for s in ("not implemented for", "unsupported", "not supported", "only supports", "promotion")
+        s in low for s in ("not implemented for", "unsupported", "not supported", "only supports")
     ):
         return "skipped", f"not supported: {text}"
     return "error", f"{type(exc).__name__}: {text}"

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Iterable
 
@@ -52,15 +53,22 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
                      memory_format=memory_format, device=device, quick=quick, measure_memory=not no_memory,
                      threads=threads)
     dev = resolve_device(spec.device)
+    load = _load_average()
     writer = None
     if output:
         import torch
 
         env = environment(dev)
         env["threads"] = threads or torch.get_num_threads()
+        env["load_average_1m"] = load
         writer = ResultsWriter(output, schema_name("profile"), env, KEY_FIELDS, resume=resume)
 
     from rich.console import Console
+
+    cores = os.cpu_count() or 1
+    if dev == "cpu" and load is not None and load > 0.5 * cores:
+        click.echo(f"Note: this machine is busy (load {load:.1f} on {cores} cores): CPU timings will be noisy"
+                   + ("" if threads == 1 else "; --threads 1 gives steadier ones") + ".", err=True)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     err = Console(stderr=True)
@@ -81,6 +89,14 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
     render(shown, out)
     if writer:
         click.echo(f"{len(records)} cells measured, {len(writer.records)} in {writer.path}", err=True)
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (other work competing for the CPU), None where unknown."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _fmt_time(seconds: float | None) -> str:

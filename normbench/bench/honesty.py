@@ -1,0 +1,95 @@
+"""The honesty check of ``normbench profile``: does its time for a cell agree with an independent
+timing of the very same call by ``torch.utils.benchmark.Timer``?
+
+Both time the callable the runner builds for the cell (:func:`normbench.bench.runner.build_pass`).
+They run in alternation, ``rounds`` times each, so that a slow phase of a shared machine hits both
+alike; the report gives each one's median over its rounds and their ratio. On an idle machine the
+ratio is within a few percent of 1; on a shared one the spread between rounds shows the noise the
+ratio must be read against.
+
+Run it as a script (a benchmark, never a timed unit test)::
+
+    python -m normbench.bench.honesty --threads 1
+    python -m normbench.bench.honesty --cell l2,torch,fp32,32x64x56x56,fwd
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+from normbench.axes import parse_dtype, parse_norm, parse_shape
+from normbench.bench.runner import build_pass, default_timer
+from normbench.bench.spec import Cell
+from normbench.bench.timing import TimingSpec, measure
+
+DEFAULT_CELLS = (
+    "l2,torch,fp32,32x64x56x56,fwd",
+    "l2,torch,fp32,32x64x56x56,fwd+bwd",
+    "l2,torch,bf16,32x256x14x14,fwd+bwd",
+    "layernorm,torch,fp32,4096x1024,fwd+bwd",
+    "l1,analytic,fp32,32x64x56x56,fwd+bwd",
+)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Medians of normbench's engine and of torch.utils.benchmark for one cell, per round."""
+
+    cell: str
+    ours_s: tuple[float, ...]
+    torch_timer_s: tuple[float, ...]
+
+    @property
+    def ratio(self) -> float:
+        """normbench's median over torch.utils.benchmark's (1.0: perfect agreement)."""
+        return statistics.median(self.ours_s) / statistics.median(self.torch_timer_s)
+
+
+def parse_cell(text: str, device: str = "cpu", mode: str = "train") -> Cell:
+    """``norm,impl,dtype,shape,pass`` -> a :class:`Cell`."""
+    norm, impl, dtype, shape, pass_ = (t.strip() for t in text.split(","))
+    return Cell(parse_norm(norm), impl, parse_dtype(dtype), parse_shape(shape), "honesty", pass_, mode,
+                "contiguous", device)
+
+
+def compare(cell: Cell, rounds: int = 3, timing: TimingSpec = TimingSpec(), min_run_time: float = 0.2) -> Agreement:
+    """Time the cell's call ``rounds`` times with each timer, alternating."""
+    from torch.utils.benchmark import Timer
+
+    fn, _ = build_pass(cell)
+    timer = default_timer(cell.device)
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours.append(measure(fn, timing, timer).median)
+        t = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        theirs.append(t.blocked_autorange(min_run_time=min_run_time).median)
+    a = cell.axes()
+    label = f"{a['norm']} {a['impl']} {a['dtype']} {a['shape']} {a['pass']}"
+    return Agreement(label, tuple(ours), tuple(theirs))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print, per cell, both timers' medians per round and the ratio of their medians."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cell", action="append", help="norm,impl,dtype,shape,pass (repeatable)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's setting)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads")
+    print(f"{'cell':44s} {'normbench ms (rounds)':>28s} {'utils.benchmark ms':>28s} {'ratio':>6s}")
+    for text in args.cell or DEFAULT_CELLS:
+        r = compare(parse_cell(text, args.device), rounds=args.rounds)
+        ours = " ".join(f"{t * 1e3:.2f}" for t in r.ours_s)
+        theirs = " ".join(f"{t * 1e3:.2f}" for t in r.torch_timer_s)
+        print(f"{r.cell:44s} {ours:>28s} {theirs:>28s} {r.ratio:6.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
