@@ -355,7 +355,8 @@ def run(
                 progress.run_started(f"{regime} seed {seed} ({protocol})", config.epochs)
             trained[key] = record
             progress.run_finished(cached)
-        out = dict(record, regime=regime, config=rc, cached=cached)
+        # runs that train identically share a record; each copy carries the names it was asked for
+        out = dict(record, regime=regime, protocol=protocol, config=rc, cached=cached)
         return out
 
     records = []

@@ -181,3 +181,11 @@ def test_bad_config():
     with pytest.raises(ValueError, match="needs a complete wd_on"):
         train_run(tiny().run_config("wd_off_corrected", 0, "isolated"), load_dataset("digits", train_size=128))
     assert REGIMES["wd_off_corrected"].needs_reference
+
+
+def test_shared_runs_carry_the_names_they_were_asked_for():
+    records = run(tiny(regimes=["wd_on", "wd_off"], protocols=["isolated", "paper"], epochs=1))
+    assert [(r["protocol"], r["regime"]) for r in records] == [
+        ("isolated", "wd_on"), ("isolated", "wd_off"), ("paper", "wd_on"), ("paper", "wd_off")]
+    assert records[0]["epochs"] == records[2]["epochs"]  # wd_on trains the same under both protocols
+    assert records[1]["epochs"] != records[3]["epochs"]  # wd_off does not (paper: BN params lose WD)

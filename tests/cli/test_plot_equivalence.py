@@ -1,0 +1,69 @@
+"""``normbench plot [equivalence]`` through click's CliRunner: --quick end to end, caching, and
+bad options (exit code 2, one line starting with "Error:")."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from normbench.cli import main
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plot")
+    result = CliRunner().invoke(main, ["plot", "--quick", "--quiet", "--output-dir", str(out)])
+    return out, result
+
+
+def test_quick_writes_results_and_figures(quick_run):
+    out, result = quick_run
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "equivalence.json").read_text())
+    assert doc["schema"] == "normbench.equivalence/1"
+    regimes = {r["regime"] for r in doc["records"]}
+    assert {"wd_on", "wd_off", "wd_off_corrected", "norm_schedule", "weight_norm", "bounded_weight_norm",
+            "batch_norm_l1", "batch_norm_linf"} <= regimes
+    for r in doc["records"]:
+        assert r["protocol"] == "isolated" and r["status"] == "ok"
+        assert {"epoch", "lr", "train_loss", "test_loss", "test_acc", "layers"} <= set(r["epochs"][0])
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "wd_regimes_isolated.png" in pngs and "scale_invariance.png" in pngs and len(pngs) >= 7
+    assert all((out / p).stat().st_size > 10_000 for p in pngs)
+    checks = json.loads((out / "scale_invariance.json").read_text())
+    assert checks["schema"] == "normbench.scale_invariance/1"
+    assert "verdict" in result.output and "scale invariance (holds)" in result.output
+    assert "wd_off_corrected" in result.output
+
+
+def test_second_run_reuses_the_cache(quick_run):
+    out, first = quick_run
+    assert first.exit_code == 0
+    result = CliRunner().invoke(main, ["plot", "equivalence", "--quick", "--quiet", "--output-dir", str(out),
+                                       "--regimes", "wd", "--format", "png,svg"])
+    assert result.exit_code == 0, result.output
+    assert "0 trained" in result.output
+    assert (out / "wd_regimes_isolated.svg").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--format", "gif"], "--format"),
+        (["--regimes", "wd_on,bogus"], "unknown regime"),
+        (["--seeds", "a,b"], "--seeds"),
+        (["--epochs", "0"], "--epochs"),
+        (["--dataset", "mnist"], "--data-dir"),
+        (["--dataset", "imagenet"], "--dataset"),
+        (["--protocol", "nope"], "--protocol"),
+        (["--device", "tpu"], "device"),
+        (["--label-noise", "1.5"], "--label-noise"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tmp_path, args, message):
+    result = CliRunner().invoke(main, ["plot", "--quick", "--quiet", "--output-dir", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    assert message in lines[0]
+    assert "Traceback" not in result.output
