@@ -50,7 +50,9 @@ class StabilitySpec:
     runs on ``input_path`` alone). ``safe_ulps``: the error (output and input gradient, in units
     of the dtype's epsilon, capped at a relative error of ``max_safe_rel_err``) within which a
     cell counts as safe; ``max_input_underflow``: the largest fraction of the input that may
-    underflow (zero or subnormal after the cast) in a safe cell."""
+    underflow (zero or subnormal after the cast) in a safe cell. ``threads``: torch's CPU threads
+    during the run (cells are many small tensors: one thread is fastest and leaves the other cores
+    free; None keeps torch's setting)."""
 
     norms: tuple[str, ...] = ("l2", "l1", "linf")
     dtypes: tuple[str, ...] = DTYPE_CHOICES
@@ -66,6 +68,7 @@ class StabilitySpec:
     safe_ulps: float = 8.0
     max_safe_rel_err: float = 0.25
     max_input_underflow: float = 0.1
+    threads: int | None = 1
 
     def __post_init__(self) -> None:
         for name in self.norms:
@@ -242,6 +245,18 @@ def iter_records(
     """Measure the grid cell by cell, yielding each record as it finishes; cells for which
     ``skip(axes)`` is true (already in a resumed file) are not run and not yielded."""
     grid = cells(spec) if grid is None else grid
+    before = torch.get_num_threads()
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+    try:
+        yield from _iter(spec, skip, grid)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _iter(
+    spec: StabilitySpec, skip: Callable[[dict[str, Any]], bool] | None, grid: list[Cell]
+) -> Iterator[dict[str, Any]]:
     group_key, group, group_error = None, None, None
     for cell in grid:
         axes = cell.axes(spec)

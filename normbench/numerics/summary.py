@@ -43,25 +43,30 @@ def analytic_bounds(
     storage = FORMATS[dtype]
     comp = FORMATS[compute_dtype] if compute == "native" else FORMATS["fp32"]
     z = expected_max_deviation(numel)
-    his: list[tuple[float, str]] = [(storage.overflow_threshold / z, f"|x| < {storage.max_value:.4g} ({dtype} max)")]
+    his: list[tuple[float, str, str]] = [
+        (storage.overflow_threshold / z, f"|x| < {storage.max_value:.4g} ({dtype} max)", f"{dtype} max")
+    ]
     if spec.p == 2:
         dev = math.sqrt(comp.overflow_threshold)
-        his.append((dev / z, f"|x-mu| < {dev:.4g} (squares in {comp.name})"))
+        his.append((dev / z, f"|x-mu| < {dev:.4g} (squares in {comp.name})", f"squares > {comp.name} max"))
     if compute == "native" and reduction in ("sequential", "sum") and spec.p in (1.0, 2.0):
         if spec.p == 2:
-            his.append((math.sqrt(comp.max_value / n), f"n*sigma^2 < {comp.max_value:.4g} (sum of squares)"))
+            his.append((math.sqrt(comp.max_value / n), f"n*sigma^2 < {comp.max_value:.4g} (sum of squares)", "sum overflows"))
         else:
-            his.append((comp.max_value / (n * math.sqrt(2 / math.pi)), f"n*mean|x-mu| < {comp.max_value:.4g} (sum)"))
-    hi, hi_reason = min(his)
+            his.append((comp.max_value / (n * math.sqrt(2 / math.pi)), f"n*mean|x-mu| < {comp.max_value:.4g} (sum)",
+                        "sum overflows"))
+    hi, hi_reason, hi_short = min(his)
 
-    los: list[tuple[float, str]] = [(0.0, "")]
+    los: list[tuple[float, str, str]] = [(0.0, "", "")]
     if compute == "native":
         if spec.p == 2:
-            los.append((math.sqrt(comp.smallest_normal), f"squares subnormal below sqrt({comp.smallest_normal:.2g})"))
+            los.append((math.sqrt(comp.smallest_normal), f"squares subnormal below sqrt({comp.smallest_normal:.2g})",
+                        "squares subnormal"))
         else:
-            los.append((comp.smallest_normal, f"deviations subnormal below {comp.smallest_normal:.2g}"))
+            los.append((comp.smallest_normal, f"deviations subnormal below {comp.smallest_normal:.2g}",
+                        "deviations subnormal"))
     # the input is flushed: 10% of N(0, sigma^2) lies below 0.1257 sigma
-    los.append((storage.smallest_normal / 0.1257, f"10% of inputs subnormal in {dtype}"))
+    los.append((storage.smallest_normal / 0.1257, f"10% of inputs subnormal in {dtype}", "input subnormal"))
     eps_c = eps if compute == "framework" else _round_scalar(eps, comp.name)
     c = dispersion_constant(spec.p, n, spec.k)
 
@@ -73,20 +78,45 @@ def analytic_bounds(
 
     # the stored input gradient ~ dy / D (L-inf: C sum(dy y) / D at the largest deviation)
     grad = max(z, c * math.sqrt(n)) if spec.p == math.inf else z
-    los.append((sigma_for(grad / storage.max_value), f"grad ~ dy/D > {dtype} max"))
+    los.append((sigma_for(grad / storage.max_value), f"grad ~ dy/D > {dtype} max", "grad > max"))
     if compute == "native":
         # autograd through the formula: dL/dD = -sum(dy y) / D, and for L2 dL/dvar = that / (2 D)
         d = math.sqrt(math.sqrt(n) / (2 * comp.max_value)) if spec.p == 2 else math.sqrt(n) / comp.max_value
-        los.append((sigma_for(d), f"backward: sum(dy*y)/D{'^2' if spec.p == 2 else ''} > {comp.name} max"))
-    lo, lo_reason = max(los)
+        los.append((sigma_for(d), f"backward: sum(dy*y)/D{'^2' if spec.p == 2 else ''} > {comp.name} max",
+                    "backward overflows"))
+    lo, lo_reason, lo_short = max(los)
     eps_zero = _round_scalar(eps, comp.name) == 0.0 and eps > 0
-    return {"lo": lo, "lo_reason": lo_reason, "hi": hi, "hi_reason": hi_reason, "eps_rounds_to_zero": eps_zero}
+    return {"lo": lo, "lo_reason": lo_reason, "lo_short": lo_short, "hi": hi, "hi_reason": hi_reason,
+            "hi_short": hi_short, "eps_rounds_to_zero": eps_zero}
 
 
 def _round_scalar(value: float, fmt: str) -> float:
     import torch
 
     return float(FORMATS[fmt].round(torch.tensor([value], dtype=torch.float64))[0])
+
+
+def short_failure(record: dict[str, Any]) -> str:
+    """The first failure of a record in a few characters: ``ovf@statistic``, ``nan``, ``grad ovf``,
+    ``24 ulps`` ..."""
+    if record.get("overflow"):
+        return f"ovf@{record.get('overflow_stage')}"
+    if record.get("nonfinite_fraction", 0) > 0:
+        return "non-finite"
+    if record.get("grad_overflow_stage") == "backward" or record.get("grad_nonfinite_fraction", 0) > 0:
+        return "grad ovf" if record.get("grad_overflow_stage") == "backward" else "grad non-finite"
+    if record.get("input_underflow_fraction", 0) > 0.1:
+        return "input underflow"
+    worst = max((record.get(f"{p}err_ulps") or 0.0) for p in ("", "grad_"))
+    return f"{worst:.3g} ulps"
+
+
+def short_case(case: dict[str, Any]) -> str:
+    """A case in a few characters: ``offset(1e+04)``, ``deviation(260)``, ``tiny``."""
+    values = [v for k, v in case.items() if k not in ("name", "shape", "seed", "mean", "spread", "fraction")]
+    if not values:
+        return str(case["name"])
+    return f"{case['name']}({', '.join(f'{v:g}' if isinstance(v, (int, float)) else str(v) for v in values)})"
 
 
 def failures(record: dict[str, Any]) -> list[str]:
@@ -191,11 +221,12 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             for prefix in ("", "grad_"):
                 u = r.get(f"{prefix}err_ulps")
                 if u is not None and (worst is None or u > worst[0]):
-                    worst = (u, case_label(r["case"]) + (" (grad)" if prefix else ""))
+                    worst = (u, short_case(r["case"]) + (" grad" if prefix else ""))
         for r in others:
             why = failures(r)
             if why:
-                failed.append({"case": case_label(r["case"]), "why": why})
+                failed.append({"case": case_label(r["case"]), "short": f"{short_case(r['case'])} {short_failure(r)}",
+                               "why": why})
         rows.append({
             **fields,
             "measured": measured,

@@ -1,0 +1,272 @@
+"""``normbench stability`` (overflow, underflow and error of the norm layers in fp16, bf16 and fp8
+against float64) and ``normbench plot stability FILE`` (its figure). Both only parse, call
+:mod:`normbench.numerics` or :mod:`normbench.plots.stability`, and render."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+import click
+
+from normbench.results import ResultsWriter, record_key
+
+FAIL_ON_HELP = "overflow (any overflow or non-finite output/gradient) and/or error:<ulps>, comma-separated"
+
+
+def parse_fail_on(text: str | None) -> tuple[bool, float | None]:
+    """``"overflow,error:64"`` -> ``(True, 64.0)``; a UserError for anything else."""
+    from normbench.axes import split_list
+    from normbench.errors import UserError
+
+    overflow, ulps = False, None
+    if text is None:
+        return overflow, ulps
+    items = split_list(text)
+    if not items:
+        raise UserError(f"--fail-on: use {FAIL_ON_HELP}")
+    for item in items:
+        if item == "overflow":
+            overflow = True
+        elif item.startswith("error:"):
+            try:
+                ulps = float(item.split(":", 1)[1])
+            except ValueError:
+                ulps = math.nan
+            if not ulps > 0 or math.isinf(ulps):
+                raise UserError(f"--fail-on {item!r}: the error threshold is a positive number of ulps, e.g. error:64")
+        else:
+            raise UserError(f"--fail-on {item!r}: use {FAIL_ON_HELP}")
+    return overflow, ulps
+
+
+def _fmt_scale(value: float | None, open_end: str = "") -> str:
+    if value is None:
+        return "-"
+    if value == 0:
+        return "0"
+    return f"{open_end}{value:.0e}".replace("e+0", "e").replace("e-0", "e-").replace("e+", "e")
+
+
+def _measured(m: dict[str, Any]) -> str:
+    if m["lo"] is None:
+        return "[bold red]none[/]"
+    lo = _fmt_scale(m["lo"], "≤" if m["lo_open"] else "")
+    hi = _fmt_scale(m["hi"], "≥" if m["hi_open"] else "")
+    return f"{lo} .. {hi}"
+
+
+def _analytic(a: dict[str, Any] | None) -> str:
+    if a is None:
+        return "-"
+    lo = f"{a['lo']:.2g}" if a["lo"] > 0 else "0"
+    text = f"{lo} .. {a['hi']:.2g}  [dim]({a['lo_short'] or '-'} .. {a['hi_short']})[/]"
+    if a.get("eps_rounds_to_zero"):
+        text += "\n[yellow]eps rounds to 0[/]"
+    return text
+
+
+@click.command()
+@click.option("--norm", default="l2,l1,linf", show_default=True,
+              help="Norms, comma-separated: l2, l1, linf, top<k> (batch-norm), layernorm, rmsnorm, groupnorm "
+                   "and their Lp variants (l1-layernorm ...).")
+@click.option("--dtype", default="fp16,bf16,fp8_e4m3,fp8_e5m2,fp32", show_default=True,
+              help="Dtypes: fp16, bf16, fp8_e4m3 (E4M3FN, max 448), fp8_e5m2 (max 57344), fp32.")
+@click.option("--compute", default="framework,native", show_default=True,
+              help="framework: the layer as shipped, run in the dtype (float32 statistics inside); native: every "
+                   "intermediate rounded to the dtype, reductions in the dtype.")
+@click.option("--reduction", default="pairwise", show_default=True,
+              help="Order of native reductions, comma-separated: pairwise (tree; means as means of partial means), "
+                   "sequential (running sum), sum (sum rounded once, then divided).")
+@click.option("--eps", type=float, default=1e-5, show_default=True, help="The layers' eps.")
+@click.option("--case", "case", help="Input generators, comma-separated: gauss (scale sweep), offset, heavy_tail, "
+              "outliers, constant, mixed_scale, tiny, large, deviation, beyond_range. Default: all "
+              "(none when --input is given).")
+@click.option("--input", "input_path", type=click.Path(dir_okay=False),
+              help="Your own tensors: .pt/.pth (torch.load weights_only), .npy or .npz; one case per tensor.")
+@click.option("--fp8-compute", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
+              help="The arithmetic dtype of fp8 cells (fp8 is storage only).")
+@click.option("--fail-on", help=f"Exit with status 1 when a cell fails: {FAIL_ON_HELP}.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda when available), cpu or cuda.")
+@click.option("--quick", is_flag=True, help="A reduced grid that finishes in seconds (CI uses it).")
+@click.option("--output", type=click.Path(dir_okay=False),
+              help="Write the records here as cells finish: .json, .jsonl or .csv.")
+@click.option("--resume", is_flag=True, help="Keep the cells already in --output and run only the others.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def stability(norm: str, dtype: str, compute: str, reduction: str, eps: float, case: str | None,
+              input_path: str | None, fp8_compute: str, fail_on: str | None, device: str, quick: bool,
+              output: str | None, resume: bool, quiet: bool) -> None:
+    """Where does each norm layer overflow, underflow or lose accuracy in fp16, bf16 and fp8,
+    against a float64 reference, forward and input gradient?
+
+    With no options runs every input case for L2, L1 and L-inf batch-norm in every dtype, both
+    compute models, and prints per norm and dtype the safe range of input scales (measured, and
+    the analytic thresholds beside it), the worst error and the cases that failed.
+    """
+    from normbench.axes import dtype_name, parse_dtypes, parse_norms, resolve_device, split_list
+    from normbench.errors import UserError
+    from normbench.numerics.runner import KEY_FIELDS, StabilitySpec, cells, iter_records
+    from normbench.results import environment, schema_name
+
+    if resume and not output:
+        raise UserError("--resume needs --output (the file whose finished cells to keep)")
+    fail_overflow, fail_ulps = parse_fail_on(fail_on)
+    dev = resolve_device(device)
+    norms = tuple(n.name for n in parse_norms(norm))
+    cases = None if case is None else tuple(split_list(case))
+    if cases is None and input_path is not None:
+        cases = ()
+    if cases is not None and not cases and input_path is None:
+        raise UserError("--case needs at least one case name")
+    spec = StabilitySpec(
+        norms=norms,
+        dtypes=tuple(dtype_name(d) for d in parse_dtypes(dtype)),
+        computes=tuple(dict.fromkeys(split_list(compute))),
+        reductions=tuple(dict.fromkeys(split_list(reduction))),
+        eps=eps,
+        cases=cases,
+        input_path=input_path,
+        quick=quick,
+        device=dev,
+        fp8_compute=fp8_compute,
+    )
+    grid = cells(spec)
+    writer = _ThrottledWriter(output, schema_name("stability"), environment(dev), KEY_FIELDS, resume=resume) \
+        if output else None
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err = Console(stderr=True)
+    show = not quiet and sys.stderr.isatty()
+    records: list[dict[str, Any]] = []
+    with Progress(TextColumn("[bold]stability[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, disable=not show, transient=True) as bar:
+        task = bar.add_task("cells", total=len(grid))
+        skip = writer.has if writer else None
+        try:
+            for record in iter_records(spec, skip=skip, grid=grid):
+                if writer:
+                    writer.write(record)
+                records.append(record)
+                bar.update(task, advance=1)
+        finally:
+            if writer:
+                writer.flush()
+    shown = writer.records if writer else records
+    _render(shown, spec, output)
+    if fail_overflow or fail_ulps is not None:
+        from normbench.numerics.summary import case_label, fails_threshold
+
+        bad = [r for r in shown if fails_threshold(r, fail_overflow, fail_ulps)]
+        if bad:
+            first = bad[0]
+            click.echo(
+                f"fail-on {fail_on}: {len(bad)} of {len(shown)} cells fail, e.g. {first['norm']} {first['dtype']} "
+                f"{first['compute']} {case_label(first['case'])}",
+                err=True,
+            )
+            sys.exit(1)
+
+
+class _ThrottledWriter(ResultsWriter):
+    """A ResultsWriter that rewrites a .json/.csv file at most once a second, and on
+    :meth:`flush`: ResultsWriter rewrites the whole file on every record, which for thousands of
+    small stability cells costs more than measuring them (quadratic). .jsonl appends per record.
+    An interrupted run still keeps every finished cell (the command flushes in a ``finally``);
+    a killed process loses at most the last second."""
+
+    interval_s = 1.0
+    _last = 0.0
+    _dirty = False
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.format == ".jsonl":
+            super().write(record)
+            return
+        self.records.append(record)
+        self._done.add(record_key(record, self.key_fields))
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            self._rewrite()
+            self._last, self._dirty = now, False
+        else:
+            self._dirty = True
+
+    def flush(self) -> None:
+        if self._dirty:
+            self._rewrite()
+            self._dirty = False
+
+
+def _render(records: list[dict[str, Any]], spec: Any, output: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from normbench.numerics.formats import FORMATS
+    from normbench.numerics.summary import fp8_note, summarize
+
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=160)
+    table = Table(title="normbench stability: safe input scale sigma (Gaussian sweep) and failures")
+    for col, ratio in (("norm", None), ("dtype", None), ("compute", None), ("safe sigma\nmeasured", None),
+                       ("safe sigma, analytic\n(what limits it)", 3), ("worst error, ulps\n(where)", 3),
+                       ("failed cases", 4)):
+        table.add_column(col, ratio=ratio)
+    for row in summarize(records):
+        compute = row["compute"]
+        if compute == "native":
+            compute += f" [dim]{row['reduction']}" + (f", in {row['compute_dtype']}" if row["compute_dtype"] != row["dtype"] else "") + "[/]"
+        elif row["compute_dtype"] != row["dtype"]:
+            compute += f" [dim]in {row['compute_dtype']}[/]"
+        worst = "-" if row["worst_err_ulps"] is None else f"{row['worst_err_ulps']:.3g} [dim]{row['worst_case']}[/]"
+        tol_ulps = spec.tolerance(row["dtype"]) / FORMATS[row["dtype"]].eps
+        if row["worst_err_ulps"] is not None and row["worst_err_ulps"] > tol_ulps:
+            worst = f"[red]{worst}[/]"
+        shown_failures = [f["short"] for f in row["failed_cases"]]
+        failed = ", ".join(shown_failures[:5]) + (f" +{len(shown_failures) - 5} more" if len(shown_failures) > 5 else "")
+        failed = f"[red]{failed}[/]" if failed else "[green]none[/]"
+        notes = []
+        if row["skipped"]:
+            notes.append(f"[yellow]{row['skipped']} skipped[/]")
+        if row["errors"]:
+            notes.append(f"[bold red]{row['errors']} errors[/]")
+        if notes:
+            failed += "; " + ", ".join(notes)
+        table.add_row(row["norm"], row["dtype"], compute, _measured(row["measured"]), _analytic(row["analytic"]),
+                      worst, failed)
+    out.print(table)
+    tol = ", ".join(f"{d} {spec.tolerance(d):.2g}" for d in spec.dtypes)
+    out.print(f"[dim]Safe: finite, no overflow, at most {spec.max_input_underflow:.0%} of the input underflowing, "
+              f"relative error of output and input gradient at most {tol} (min({spec.safe_ulps:g} ulps, "
+              f"{spec.max_safe_rel_err:g})). Scales stepped by decades; ≤/≥: safe up to the end of the sweep.[/]")
+    note = fp8_note(spec.dtypes, spec.fp8_compute)
+    if note:
+        out.print(f"[dim]{note}[/]")
+    skipped = [r for r in records if r.get("status") == "skipped"]
+    if skipped:
+        reasons = sorted({r.get("reason") or "" for r in skipped})
+        out.print(f"[yellow]{len(skipped)} cells skipped:[/] " + "; ".join(reasons[:3]))
+    errors = [r for r in records if r.get("status") == "error"]
+    if errors:
+        out.print(f"[bold red]{len(errors)} cells failed with an error:[/] {errors[0].get('reason')}")
+    if output:
+        out.print(f"[dim]records: {output}[/]")
+
+
+@click.command("stability")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--output-dir", default="normbench-out", show_default=True, help="Where to write the figure.")
+@click.option("--format", "fmt", type=click.Choice(["png", "svg", "pdf"]), default="png", show_default=True)
+@click.option("--compute", type=click.Choice(["native", "framework", "both"]), default="both", show_default=True,
+              help="Which compute model's lines to draw (native solid, framework dashed).")
+def plot_stability(file: str, output_dir: str, fmt: str, compute: str) -> None:
+    """Draw a `normbench stability` results file: error against input scale, one line per norm,
+    a panel per dtype, the overflow and underflow bounds marked."""
+    from normbench.plots.stability import plot_stability_file
+
+    path = plot_stability_file(file, output_dir, fmt=fmt, compute=compute)
+    click.echo(str(path))
