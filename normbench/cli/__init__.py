@@ -45,9 +45,11 @@ def _register() -> None:
     from normbench.cli.info import info
     from normbench.cli.plot import plot, register_subcommands
     from normbench.cli.profile import profile
+    from normbench.cli.stability import stability
 
     main.add_command(info)
     main.add_command(profile)
+    main.add_command(stability)
     register_subcommands()
     main.add_command(plot)
 
