@@ -3,7 +3,10 @@ L-inf or top-k dispersion. The formulas are in docs/norms.md and :mod:`normbench
 
 Every function takes ``impl``: ``"eager"`` runs the plain formula under autograd (the reference),
 ``"analytic"`` the custom autograd Function with an analytic backward that keeps only the input and
-per-row statistics; ``"auto"`` (default) picks the fastest correct one.
+per-row statistics, ``"fused"`` (batch-norm) the pass-minimal formulation of
+:mod:`normbench.kernels.fused` (Triton on CUDA, torch.compile on the CPU); ``"auto"`` (default) is
+``fused`` for batch-norm on CUDA and ``analytic`` otherwise: on the CPU ``fused`` compiles each new
+shape (seconds) before it runs faster, so it is opt-in there.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from normbench.kernels.analytic import LpNormFunction
+from normbench.kernels.fused import FusedLpBatchNorm, triton_available
 from normbench.kernels.constants import C1, dispersion_constant, paper_linf_constant, topk_constant
 from normbench.kernels.reference import (
     affine,
@@ -35,7 +39,7 @@ __all__ = [
     "paper_linf_constant",
 ]
 
-IMPLS = ("auto", "eager", "analytic")
+IMPLS = ("auto", "eager", "analytic", "fused")
 
 
 def _normalize(
@@ -59,6 +63,8 @@ def _normalize(
     if impl == "eager":
         y, mean, stat = lp_normalize(x, dims, p, k, eps, center)
         return affine(y, weight, bias).to(x.dtype), mean, stat
+    if impl == "fused":
+        raise ValueError("impl='fused' is implemented for batch-norm only; use 'analytic' or 'auto'")
     return LpNormFunction.apply(x, weight, bias, tuple(dims), p, k, eps, center)
 
 
@@ -112,9 +118,17 @@ def lp_batch_norm(
         raise ValueError(
             f"batch-norm in training needs more than 1 value per channel, got input shape {tuple(input.shape)}"
         )
-    y, mean, stat = _normalize(
-        input, _channel_view(weight, input.dim()), _channel_view(bias, input.dim()), dims, p, k, eps, True, impl
-    )
+    if impl == "auto":
+        impl = "fused" if input.is_cuda and triton_available() else "analytic"
+    if impl == "fused":
+        p, k = check_pk(p, k)
+        if k is not None and k > n:
+            raise ValueError(f"top-k needs k <= the {n} values per statistic, got k={k}")
+        y, mean, stat = FusedLpBatchNorm.apply(input, weight, bias, p, k, eps)
+    else:
+        y, mean, stat = _normalize(
+            input, _channel_view(weight, input.dim()), _channel_view(bias, input.dim()), dims, p, k, eps, True, impl
+        )
     if running_mean is not None and running_var is not None:
         with torch.no_grad():
             p, k = check_pk(p, k)

@@ -1,0 +1,302 @@
+"""Fused Lp batch-norm: the fewest passes over memory, behind one autograd Function.
+
+The formulation is shaped for memory traffic (docs/performance.md has the byte model):
+
+- statistics in one pass where the math allows it: p=2 by Welford (``torch.var_mean``); L-inf from
+  the sum, max and min together (``max|x - mu| = max(max - mu, mu - min)``); top-k from the k
+  largest and k smallest values of x, found without knowing mu; only p=1 needs the mean before the
+  mean absolute deviation, so two passes;
+- normalize and affine folded into one multiply-add per element, ``y = x * a + b`` with per-channel
+  ``a = weight / D`` and ``b = bias - mu * a``;
+- backward: one pass that reduces ``sum(dy)``, ``sum(dy * xhat)`` (and for p=1 ``sum(sign)``, for
+  the maximum the tie count) together, then one elementwise pass; top-k adds its k positions per
+  channel by a scatter.
+
+On the CPU each stage is compiled with ``torch.compile`` (once per shape, dtype and p; compile time
+stays out of the timed numbers of ``normbench profile``); on CUDA the Triton kernels of
+:mod:`normbench.kernels.triton_bn` run it. :func:`set_compile` turns compilation off (the same
+code runs eagerly: the tests check the formulation on every p and layout without paying compile
+time, and compile a few configurations).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import torch
+
+from normbench.kernels.constants import dispersion_constant
+from normbench.kernels.reference import compute_dtype
+
+_COMPILE = True
+_BACKEND = "auto"
+BACKENDS = ("auto", "torch", "triton")
+
+
+def set_compile(enabled: bool) -> None:
+    """Compile the torch stages with torch.compile (default) or run them eagerly."""
+    global _COMPILE
+    _COMPILE = bool(enabled)
+
+
+def set_backend(name: str) -> None:
+    """``auto`` (Triton kernels for CUDA tensors, torch stages otherwise), ``torch`` or ``triton``
+    (also for CPU tensors under ``TRITON_INTERPRET=1``: how the tests run the kernels)."""
+    global _BACKEND
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    _BACKEND = name
+
+
+def triton_available() -> bool:
+    """Whether triton imports (the CUDA kernels need it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_kernels(x: torch.Tensor):
+    """The Triton kernel module when this tensor should run on it, else None."""
+    if _BACKEND == "torch" or (_BACKEND == "auto" and not x.is_cuda):
+        return None
+    from normbench.kernels import triton_bn
+
+    return triton_bn
+
+
+def _maybe_compiled(fn: Callable) -> Callable:
+    """``fn`` compiled on first use when compilation is on; eager otherwise."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        nonlocal compiled
+        if not _COMPILE or torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if compiled is None:
+            from torch import _dynamo
+
+            # one graph per (shape, dtype, p, k, layout): allow more than dynamo's default of 8
+            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 512)
+            compiled = torch.compile(fn, dynamic=False)
+        return compiled(*args, **kwargs)
+
+    return run
+
+
+def canonical(x: torch.Tensor) -> torch.Tensor:
+    """A (A, C, B) view of (N, C, *) input whose statistics reduce over dims 0 and 2: (N, C, S)
+    for contiguous input, (N * S, C, 1) for channels_last. Reducing the contiguous inner dimension
+    first (then over A) is what both eager ATen and the compiled code vectorize well."""
+    c = x.shape[1]
+    if x.dim() > 2 and not x.is_contiguous():
+        if x.permute(0, *range(2, x.dim()), 1).is_contiguous():
+            return x.permute(0, *range(2, x.dim()), 1).reshape(-1, c, 1)
+        x = x.contiguous()
+    return x.reshape(x.shape[0], c, -1)
+
+
+def uncanonical(t3: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`canonical`: a tensor of ``like``'s shape and memory format."""
+    if t3.shape[2] == 1 and like.dim() > 2 and t3.shape[0] != like.shape[0]:
+        nhwc = (like.shape[0], *like.shape[2:], like.shape[1])
+        return t3.reshape(nhwc).permute(0, like.dim() - 1, *range(1, like.dim() - 1))
+    return t3.reshape(like.shape)
+
+
+def _v(t: torch.Tensor) -> torch.Tensor:
+    """Per-channel vector -> (1, C, 1), broadcasting against a canonical view."""
+    return t.view(1, -1, 1)
+
+
+def _sum02(t: torch.Tensor) -> torch.Tensor:
+    return t.sum(2).sum(0)
+
+
+def _block_size(length: int, target: int = 64) -> int:
+    """The largest divisor of ``length`` not above ``target``."""
+    return next(d for d in range(min(target, length), 0, -1) if length % d == 0)
+
+
+@_maybe_compiled
+def _block_extrema(x3: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per channel: the sum, and the max and min of every block of ``bs`` consecutive values
+    (along B, or along A when B = 1), as (C, blocks)."""
+    a_len, c, b_len = x3.shape
+    xc = x3.to(compute_dtype(x3.dtype))
+    if b_len > 1:
+        blocks = xc.view(a_len, c, b_len // bs, bs)
+        bmax, bmin = blocks.amax(3).transpose(0, 1), blocks.amin(3).transpose(0, 1)
+        return _sum02(xc), bmax.reshape(c, -1), bmin.reshape(c, -1)
+    blocks = xc.view(a_len // bs, bs, c)
+    return xc.sum((0, 2)), blocks.amax(1).t(), blocks.amin(1).t()
+
+
+def _stats_topk(x3: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, mean of the k largest |x - mu| and their positions ``a * B + b``, per channel.
+
+    One pass over x finds the sum and each block's max and min; a block's largest deviation is
+    ``max(max - mu, mu - min)``, and the k largest deviations lie in the k blocks with the largest
+    such bound. Only those blocks are gathered and searched."""
+    a_len, c, b_len = x3.shape
+    cdt = compute_dtype(x3.dtype)
+    bs = _block_size(b_len if b_len > 1 else a_len)
+    total, bmax, bmin = _block_extrema(x3, bs)
+    mean = total / (a_len * b_len)
+    bound = torch.maximum(bmax - mean[:, None], mean[:, None] - bmin)
+    blk = bound.topk(min(k, bound.shape[1]), dim=1, sorted=False).indices  # (C, kb)
+    r = torch.arange(bs, device=x3.device)
+    if b_len > 1:  # block j covers a = j // (B / bs), b = (j % (B / bs)) * bs + r
+        nb = b_len // bs
+        pos = ((blk // nb) * b_len + (blk % nb) * bs)[:, :, None] + r
+    else:  # block j covers a = j * bs + r
+        pos = (blk * bs)[:, :, None] + r
+    pos = pos.reshape(c, -1)
+    dev = (_gather(x3, pos).to(cdt) - mean[:, None]).abs()
+    vals, sel = dev.topk(k, dim=1, sorted=False)
+    return mean, vals.mean(1), pos.gather(1, sel)
+
+
+@_maybe_compiled
+def _stats_moments(x3: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    xc = x3.to(compute_dtype(x3.dtype))
+    rows = x3.shape[0] * x3.shape[2]
+    if p == 2:
+        if x3.shape[2] == 1:
+            var, mean = torch.var_mean(xc, (0, 2), correction=0)
+            return mean, var
+        # Welford per row of B values, then Chan's combination of equal-count rows
+        var_r, mean_r = torch.var_mean(xc, 2, correction=0)
+        mean = mean_r.mean(0)
+        return mean, (var_r + (mean_r - mean) ** 2).mean(0)
+    mean = _sum02(xc) / rows
+    if p == 1:
+        return mean, _sum02((xc - _v(mean)).abs()) / rows
+    return mean, torch.maximum(xc.amax(2).amax(0) - mean, mean - xc.amin(2).amin(0))
+
+
+@_maybe_compiled
+def _apply(x3, mean, scale, weight, bias):
+    a = 1.0 / scale if weight is None else weight.to(scale.dtype) / scale
+    b = -mean * a if bias is None else bias.to(scale.dtype) - mean * a
+    return (x3.to(scale.dtype) * _v(a) + _v(b)).to(x3.dtype)
+
+
+@_maybe_compiled
+def _backward_moments(x3, gy3, mean, scale, stat, p: float):
+    """Per-channel sums for backward: sum(dy), sum(dy * xhat), and the p-specific ones
+    (p=1: sum(sign(u)); max: the sum of sign over the tied maxima and their count)."""
+    cdt = scale.dtype
+    u = x3.to(cdt) - _v(mean)
+    g = gy3.to(cdt)
+    sum_g, sum_gx = _sum02(g), _sum02(g * u) / scale
+    if p == 1:
+        return sum_g, sum_gx, _sum02(torch.sign(u)), sum_g
+    if p == math.inf:
+        tie = (u.abs() == _v(stat)).to(cdt)
+        return sum_g, sum_gx, _sum02(tie * torch.sign(u)), _sum02(tie)
+    return sum_g, sum_gx, sum_g, sum_g
+
+
+@_maybe_compiled
+def _backward_apply(x3, gy3, mean, scale, stat, weight, sum_g, sum_gx, s3, s4, p: float, const: float, n: int, topk: bool):
+    cdt = scale.dtype
+    u = x3.to(cdt) - _v(mean)
+    a = 1.0 / scale if weight is None else weight.to(cdt) / scale
+    dx = gy3.to(cdt) - _v(sum_g / n)
+    if p == 2:
+        dx = dx - u * _v(sum_gx / (n * scale))
+    elif p == 1:
+        dx = dx - (torch.sign(u) - _v(s3 / n)) * _v(const * sum_gx / n)
+    elif not topk:
+        tie = (u.abs() == _v(stat)).to(cdt)
+        dx = dx - (tie * torch.sign(u) - _v(s3 / n)) * _v(const * sum_gx / s4)
+    else:  # top-k: the channel mean of its term here, the k positions by the caller's scatter
+        dx = dx + _v(s3 / n)
+    return (dx * _v(a)).to(x3.dtype)
+
+
+def _stats_torch(x3: torch.Tensor, p: float, k: int | None):
+    if k is not None:
+        return _stats_topk(x3, k)
+    mean, stat = _stats_moments(x3, p)
+    return mean, stat, None
+
+
+def _backward_sums_torch(x3, gy3, mean, scale, stat, p: float, k: int | None):
+    # top-k takes its sign sum over its own k positions (in FusedLpBatchNorm.backward)
+    return _backward_moments(x3, gy3, mean, scale, stat, 2.0 if k is not None else p)
+
+
+class FusedLpBatchNorm(torch.autograd.Function):
+    """Lp batch-norm of (N, C, *) input in training mode: ``(y, mean, stat)`` as
+    :class:`~normbench.kernels.analytic.LpNormFunction` returns them (mean and stat flat, per channel)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, p: float, k: int | None, eps: float):
+        x3 = canonical(x)
+        n = x3.shape[0] * x3.shape[2]
+        kernels = _triton_kernels(x)
+        mean, stat, pos = (kernels.statistics if kernels else _stats_torch)(x3, p, k)
+        const = dispersion_constant(p, n, k)
+        scale = (stat + eps).sqrt() if p == 2 else stat * const + eps
+        y3 = (kernels.apply if kernels else _apply)(x3, mean, scale, weight, bias)
+        ctx.p, ctx.k, ctx.n, ctx.const = p, k, n, const
+        ctx.bias = None if bias is None else (bias.shape, bias.dtype)
+        ctx.save_for_backward(x, weight, mean, scale, stat, pos)
+        ctx.mark_non_differentiable(mean, stat)
+        return uncanonical(y3, x), mean, stat
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_stat):
+        x, weight, mean, scale, stat, pos = ctx.saved_tensors
+        p, k, n, const = ctx.p, ctx.k, ctx.n, ctx.const
+        x3 = canonical(x)
+        gy3 = canonical(grad_y.contiguous(memory_format=_memory_format(x)))
+        kernels = _triton_kernels(x)
+        sums = kernels.backward_sums if kernels else _backward_sums_torch
+        sum_g, sum_gx, s3, s4 = sums(x3, gy3, mean, scale, stat, p, k)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if k is not None:
+                # D depends only on the k largest |u_j|: c = Ck/k * sum(dy * xhat) per channel;
+                # the channel mean of that term goes in the elementwise pass, the k terms by scatter
+                c = const * sum_gx / k
+                sign_k = torch.sign(_gather(x3, pos).to(scale.dtype) - mean[:, None])
+                s3 = c * sign_k.sum(1)
+            args = (x3, gy3, mean, scale, stat, weight, sum_g, sum_gx, s3, s4, p, const, n, k is not None)
+            gx3 = (kernels.backward_apply if kernels else _backward_apply)(*args)
+            if k is not None:
+                a = 1.0 / scale if weight is None else weight.to(scale.dtype) / scale
+                _scatter_add(gx3, pos, -(a * c)[:, None] * sign_k)
+            grad_x = uncanonical(gx3, x)
+        grad_w = sum_gx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = sum_g.to(ctx.bias[1]) if ctx.bias is not None and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _index(x3: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, channel, b) indices of the per-channel positions ``a * B + b`` of a canonical view."""
+    b_len = x3.shape[2]
+    ch = torch.arange(x3.shape[1], device=x3.device)[:, None].expand_as(pos)
+    return pos // b_len, ch, pos % b_len
+
+
+def _gather(x3: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return x3[_index(x3, pos)]
+
+
+def _scatter_add(t3: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> None:
+    t3.index_put_(_index(t3, pos), values.to(t3.dtype), accumulate=True)
