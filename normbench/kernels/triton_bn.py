@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-MODE_MOMENTS, MODE_WELFORD = 0, 1
+# At most this many programs share one channel's reduction (enough to fill a GPU's SMs).
+MAX_SPLITS = 256
 P_L2, P_L1, P_MAX, P_TOPK = 0, 1, 2, 3
 
 
@@ -31,7 +32,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _tiles(a_len: int, c: int, b_len: int, max_splits: int = 256) -> tuple[int, int, int]:
+def _tiles(a_len: int, c: int, b_len: int) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_I, splits): a channel tile, a tile of positions, and how many slices of the
     A * B positions each channel is cut into (enough programs to fill a GPU)."""
     if b_len >= 64:
@@ -40,7 +41,7 @@ def _tiles(a_len: int, c: int, b_len: int, max_splits: int = 256) -> tuple[int, 
         block_c = min(64, triton.next_power_of_2(c))
         block_i = max(16, 2048 // block_c)
     n = a_len * b_len
-    splits = max(1, min(max_splits, triton.cdiv(n, block_i), triton.cdiv(1024, triton.cdiv(c, block_c))))
+    splits = max(1, min(MAX_SPLITS, triton.cdiv(n, block_i), triton.cdiv(1024, triton.cdiv(c, block_c))))
     return block_c, block_i, splits
 
 
