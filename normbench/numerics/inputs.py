@@ -12,6 +12,7 @@ channel, layer/RMS-norm the last dimension); a 1-D tensor becomes one channel, `
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,11 @@ def _load_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
         raise UserError(
-            f"{path}: refused: loading it needs unpickling of code, which normbench never does "
-            f"({first[:120]}); save plain tensors (torch.save of a tensor or a dict of tensors) or .npy/.npz"
+            f"{path}: refused: loading it needs unpickling of code{what}, which normbench never does; "
+            f"save plain tensors (torch.save of a tensor or a dict of tensors) or .npy/.npz"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise UserError(f"{path}: not a readable torch file ({str(exc).splitlines()[0][:160]})") from None

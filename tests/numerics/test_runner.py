@@ -1,0 +1,50 @@
+"""The runner: records carry the DESIGN.md fields; a cell that cannot run is skipped and the run
+goes on; skip() resumes; bad specs are user errors."""
+
+import pytest
+
+from normbench.errors import UserError
+from normbench.numerics import StabilitySpec, cells, run
+from normbench.numerics.runner import KEY_FIELDS
+
+FIELDS = ("norm", "impl", "dtype", "compute", "case", "status", "reason", "nonfinite_fraction", "overflow",
+          "underflow_fraction", "max_rel_err", "median_rel_err", "err_ulps", "bits", "grad_nonfinite_fraction",
+          "grad_overflow", "grad_underflow_fraction", "grad_max_rel_err", "grad_median_rel_err", "grad_err_ulps",
+          "grad_bits", "overflow_stage", "input_overflow", "input_underflow_fraction")
+
+
+def test_records_and_skips():
+    spec = StabilitySpec(norms=("l2", "top8"), dtypes=("fp16",), cases=("tiny", "deviation"), quick=True)
+    seen = []
+    records = run(spec, on_record=seen.append)
+    assert seen == records and len(records) == len(cells(spec)) == 3 * 2 * 2
+    for r in records:
+        if r["status"] == "ok":
+            assert all(f in r for f in FIELDS), [f for f in FIELDS if f not in r]
+    tiny_top8 = [r for r in records if r["norm"] == "top8" and r["case"]["name"] == "tiny"]
+    assert tiny_top8 and all(r["status"] == "skipped" and "top-8" in r["reason"] for r in tiny_top8)
+    assert sum(r["status"] == "ok" for r in records) == 10  # 12 cells, top8 on tiny twice skipped
+
+
+def test_skip_resumes():
+    spec = StabilitySpec(norms=("l1",), dtypes=("bf16",), cases=("tiny",), quick=True)
+    first = run(spec)
+    done = {tuple(str(r[f]) for f in KEY_FIELDS) for r in first}
+    again = run(spec, skip=lambda axes: tuple(str(axes[f]) for f in KEY_FIELDS) in done)
+    assert again == []
+
+
+def test_fp8_runs_in_the_chosen_compute_dtype():
+    spec = StabilitySpec(norms=("l2",), dtypes=("fp8_e4m3",), cases=("tiny",), quick=True, fp8_compute="bf16")
+    records = run(spec)
+    assert {r["compute_dtype"] for r in records} == {"bf16"}
+    assert all(r["status"] == "ok" for r in records)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(norms=("l3",)), dict(dtypes=("fp64",)), dict(computes=("gpu",)), dict(reductions=("random",)),
+    dict(cases=("nope",)), dict(eps=float("nan")), dict(fp8_compute="fp8_e4m3"),
+])
+def test_bad_specs_are_user_errors(bad):
+    with pytest.raises(UserError):
+        StabilitySpec(**bad)
