@@ -62,9 +62,11 @@ def topk_constant(n: int, k: int = 1) -> float:
     return 1.0 / expected_topk_mean(n, k)
 
 
+@torch.compiler.assume_constant_result
 def dispersion_constant(p: float, n: int, k: int | None = None) -> float:
     """The factor in front of each dispersion statistic: 1 for p=2, ``C1`` for p=1, ``Ck(n)``
-    for p=inf (k=None is the maximum)."""
+    for p=inf (k=None is the maximum). A constant for torch.compile: it is computed in Python
+    (and cached), never traced."""
     if p == 2:
         return 1.0
     if p == 1:

@@ -48,7 +48,7 @@ def check_pk(p: float, k: int | None) -> tuple[float, int | None]:
 
 def reduced_numel(shape: Sequence[int], dims: Sequence[int]) -> int:
     """How many values each statistic reduces over."""
-    return math.prod(shape[d] for d in dims)
+    return math.prod([shape[d] for d in dims])
 
 
 def flatten_reduced(t: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
