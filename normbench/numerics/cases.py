@@ -23,6 +23,7 @@ Generators (``--case`` names):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -189,6 +190,7 @@ def default_cases(names: tuple[str, ...] | None = None, quick: bool = False, see
     return cases
 
 
+@functools.lru_cache(maxsize=256)
 def expected_max_deviation(n: int) -> float:
     """E[max |z|] over n standard normal values: how far the largest of n Gaussian deviations
     reaches, in units of sigma (used to turn a bound on |x - mu| into a bound on the scale)."""

@@ -97,7 +97,7 @@ def plot_stability(
             numel = math.prod(first["case"]["shape"])
             n = first.get("n") or 1
             marks = {}
-            for r in rows:
+            for r in {(r["norm"], r["compute"], r.get("reduction")): r for r in rows}.values():
                 a = analytic_bounds(r["norm"], dtype, r["compute"], r.get("reduction"), n, numel, r.get("eps", 1e-5),
                                     r.get("compute_dtype") or dtype)
                 marks.setdefault(a["hi_short"], a["hi"])
