@@ -32,7 +32,11 @@ def batch_norm(x, weight=None, bias=None, p=2.0, k=None, eps=1e-5):
     c = x.shape[1]
     rows = x.transpose(0, 1).reshape(c, -1)
     y = rows_normalized(rows, p, k, eps).reshape(x.transpose(0, 1).shape).transpose(0, 1)
-    shape = (1, c) + (1,) * (x.dim() - 2)
+    return _channel_affine(y, weight, bias)
+
+
+def _channel_affine(y, weight, bias):
+    shape = (1, y.shape[1]) + (1,) * (y.dim() - 2)
     if weight is not None:
         y = y * weight.double().reshape(shape)
     if bias is not None:
@@ -72,14 +76,8 @@ def layer_norm(x, ndims, weight=None, bias=None, p=2.0, k=None, eps=1e-5, center
 def group_norm(x, groups, weight=None, bias=None, p=2.0, k=None, eps=1e-5):
     """Lp group-norm: per sample, per group of channels and all spatial positions."""
     x = x.double()
-    n, c = x.shape[:2]
-    y = rows_normalized(x.reshape(n * groups, -1), p, k, eps).reshape(x.shape)
-    shape = (1, c) + (1,) * (x.dim() - 2)
-    if weight is not None:
-        y = y * weight.double().reshape(shape)
-    if bias is not None:
-        y = y + bias.double().reshape(shape)
-    return y
+    y = rows_normalized(x.reshape(x.shape[0] * groups, -1), p, k, eps).reshape(x.shape)
+    return _channel_affine(y, weight, bias)
 
 
 # (p, k) combinations every test sweeps: L2, L1, L-inf (max) and top-k.
