@@ -2,19 +2,26 @@
 scale sweep), the analytic thresholds printed beside it, and each cell's failures.
 
 Analytic thresholds, for input ``N(mu, sigma^2)`` whose largest deviation over ``m`` values is
-about ``z_m * sigma`` (``z_m`` the expected maximum of m half-normal values; ~4.5 for m = 2^15):
+about ``z_m * sigma`` (``z_m`` the expected maximum of m half-normal values; 4.1 for m = 16,384):
 
 upper (overflow)
     - the input cast: ``|x| < max`` of the stored dtype;
     - native L2: ``|x - mu| < sqrt(max)`` of the compute dtype (fp16: 256): squares overflow;
     - native with ``sequential`` or ``sum`` reduction: the running sum of n squares (L2) or
-      absolute deviations (L1) must stay below ``max``: ``n sigma^2`` resp. ``n sigma sqrt(2/pi)``;
-    - framework L2: the float32 squares, ``|x - mu| < 1.8e19``.
+      absolute deviations (L1) must stay below ``max``: ``n sigma^2`` resp. ``n sigma sqrt(2/pi)``
+      (``pairwise`` means are means of partial means: no such bound);
+    - framework: float32 statistics, whose means are sums then divisions: the sum of n squares
+      (L2) or absolute deviations (L1) must stay below 3.4e38, and each square below it too.
 lower (underflow, lost bits)
+    - the input cast: a tenth of N(0, sigma^2) lies below 0.1257 sigma, so below
+      ``sigma = smallest normal / 0.1257`` more than 10% of the input is subnormal or zero;
     - native L2: squares of deviations below ``sqrt(smallest normal)`` (fp16: 7.8e-3) are subnormal;
     - native L1 / L-inf: deviations below the smallest normal (fp16: 6.1e-5) are subnormal;
-    - the input gradient, about ``dy / D`` with ``|dy|`` up to ``z_m``: it overflows the stored
-      dtype where ``D < z_m / max`` (``D = sqrt(sigma^2 + eps)`` for L2, ``C sigma + eps`` otherwise).
+    - the input gradient, about ``dy / D`` with ``|dy|`` up to ``z_m`` (L-inf: ``C sum(dy y) / D``
+      at the largest deviation, ``sum(dy y) ~ sqrt(n)``): it overflows the stored dtype where ``D``
+      is below that over ``max`` (``D = sqrt(sigma^2 + eps)`` for L2, ``C sigma + eps`` otherwise);
+    - native backward (autograd through the rounded formula): ``dL/dD = -sum(dy y) / D`` and for
+      L2 ``dL/dvar = sum(dy y) / (2 D^2)`` overflow the compute dtype first.
 and ``eps`` itself: below half the smallest subnormal it rounds to 0 (fp16: 1e-8 and 1e-12 do),
 so a constant channel divides 0 by 0.
 """
@@ -49,7 +56,8 @@ def analytic_bounds(
     if spec.p == 2:
         dev = math.sqrt(comp.overflow_threshold)
         his.append((dev / z, f"|x-mu| < {dev:.4g} (squares in {comp.name})", f"squares > {comp.name} max"))
-    if compute == "native" and reduction in ("sequential", "sum") and spec.p in (1.0, 2.0):
+    # framework statistics are float32 means, computed as sum then divide (torch's mean)
+    if (compute == "framework" or reduction in ("sequential", "sum")) and spec.p in (1.0, 2.0):
         if spec.p == 2:
             his.append((math.sqrt(comp.max_value / n), f"n*sigma^2 < {comp.max_value:.4g} (sum of squares)", "sum overflows"))
         else:
