@@ -41,7 +41,7 @@ def compare(y: torch.Tensor, ref: torch.Tensor, fmt: Format, prefix: str = "") -
     """The record's error fields for ``y`` against ``ref`` (``prefix`` "grad_" for gradients):
     ``nonfinite_fraction``, ``underflow_fraction`` (elements whose reference is non-zero but that
     came out zero or subnormal in ``fmt``), ``max_rel_err``, ``median_rel_err`` (over rows, None
-    when no row is finite), ``err_ulps`` (``max_rel_err / eps``) and ``bits`` of agreement."""
+    when no row is finite), ``err_ulps`` (``max_rel_err / eps``) and ``bits_of_agreement``."""
     y = y.detach().to(torch.float64).cpu()
     ref = ref.detach().to(torch.float64).cpu()
     numel = max(1, y.numel())
@@ -56,7 +56,7 @@ def compare(y: torch.Tensor, ref: torch.Tensor, fmt: Format, prefix: str = "") -
         f"{prefix}max_rel_err": max_err,
         f"{prefix}median_rel_err": median_err,
         f"{prefix}err_ulps": None if max_err is None else max_err / fmt.eps,
-        f"{prefix}bits": bits_of_agreement(max_err, fmt),
+        f"{prefix}bits_of_agreement": bits_of_agreement(max_err, fmt),
         f"{prefix}rows_measured": int(errs.numel()),
     }
 

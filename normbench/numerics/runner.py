@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from normbench.axes import NormSpec, parse_norm
+from normbench.axes import NormSpec, format_shape, parse_norm
 from normbench.errors import UserError
 from normbench.numerics import layers
 from normbench.numerics.cases import CASE_NAMES, Case, default_cases
@@ -137,6 +137,7 @@ class Cell:
             "reduction": self.reduction,
             "eps": spec.eps,
             "case": self.case.describe(),
+            "shape": format_shape(self.case.shape),
         }
 
 
@@ -201,7 +202,8 @@ def _measure(cell: Cell, group: _Group, spec: StabilitySpec) -> dict[str, Any]:
     grad_inf = bool(torch.isinf(out.dx).any()) or bool((out.dx.abs() >= storage.overflow_threshold).any())
     if stage is None and fwd["nonfinite_fraction"] == 0 and bwd["grad_nonfinite_fraction"] > 0:
         grad_inf = True
-    eps_stored = Emulator(compute_fmt).constant(spec.eps)
+    # the eps the arithmetic adds: rounded to the compute dtype (native) or float32 (framework)
+    eps_stored = Emulator(compute_fmt if cell.compute == "native" else FORMATS["fp32"]).constant(spec.eps)
     record: dict[str, Any] = {
         "n": group.n,
         "overflow": stage is not None,

@@ -8,9 +8,9 @@ from normbench.numerics import StabilitySpec, cells, run
 from normbench.numerics.runner import KEY_FIELDS
 
 FIELDS = ("norm", "impl", "dtype", "compute", "case", "status", "reason", "nonfinite_fraction", "overflow",
-          "underflow_fraction", "max_rel_err", "median_rel_err", "err_ulps", "bits", "grad_nonfinite_fraction",
+          "underflow_fraction", "max_rel_err", "median_rel_err", "err_ulps", "bits_of_agreement", "grad_nonfinite_fraction",
           "grad_overflow", "grad_underflow_fraction", "grad_max_rel_err", "grad_median_rel_err", "grad_err_ulps",
-          "grad_bits", "overflow_stage", "input_overflow", "input_underflow_fraction")
+          "grad_bits_of_agreement", "overflow_stage", "input_overflow", "input_underflow_fraction")
 
 
 def test_records_and_skips():
