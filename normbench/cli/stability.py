@@ -80,6 +80,8 @@ def _analytic(a: dict[str, Any] | None) -> str:
 @click.option("--reduction", default="pairwise", show_default=True,
               help="Order of native reductions, comma-separated: pairwise (tree; means as means of partial means), "
                    "sequential (running sum), sum (sum rounded once, then divided).")
+@click.option("--impl", default="normbench", show_default=True,
+              help="Framework layers, comma-separated: normbench (every norm), torch (torch's own L2 layers).")
 @click.option("--eps", type=float, default=1e-5, show_default=True, help="The layers' eps.")
 @click.option("--case", "case", help="Input generators, comma-separated: gauss (scale sweep), offset, heavy_tail, "
               "outliers, constant, mixed_scale, tiny, large, deviation, beyond_range. Default: all "
@@ -95,7 +97,7 @@ def _analytic(a: dict[str, Any] | None) -> str:
               help="Write the records here as cells finish: .json, .jsonl or .csv.")
 @click.option("--resume", is_flag=True, help="Keep the cells already in --output and run only the others.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def stability(norm: str, dtype: str, compute: str, reduction: str, eps: float, case: str | None,
+def stability(norm: str, dtype: str, compute: str, reduction: str, impl: str, eps: float, case: str | None,
               input_path: str | None, fp8_compute: str, fail_on: str | None, device: str, quick: bool,
               output: str | None, resume: bool, quiet: bool) -> None:
     """Where does each norm layer overflow, underflow or lose accuracy in fp16, bf16 and fp8,
@@ -125,6 +127,7 @@ def stability(norm: str, dtype: str, compute: str, reduction: str, eps: float, c
         dtypes=tuple(dtype_name(d) for d in parse_dtypes(dtype)),
         computes=tuple(dict.fromkeys(split_list(compute))),
         reductions=tuple(dict.fromkeys(split_list(reduction))),
+        impls=tuple(dict.fromkeys(split_list(impl))),
         eps=eps,
         cases=cases,
         input_path=input_path,
@@ -220,8 +223,11 @@ def _render(records: list[dict[str, Any]], spec: Any, output: str | None) -> Non
         compute = row["compute"]
         if compute == "native":
             compute += f" [dim]{row['reduction']}" + (f", in {row['compute_dtype']}" if row["compute_dtype"] != row["dtype"] else "") + "[/]"
-        elif row["compute_dtype"] != row["dtype"]:
-            compute += f" [dim]in {row['compute_dtype']}[/]"
+        else:
+            if row["impl"] == "torch":
+                compute += " [dim]torch[/]"
+            if row["compute_dtype"] != row["dtype"]:
+                compute += f" [dim]in {row['compute_dtype']}[/]"
         worst = "-" if row["worst_err_ulps"] is None else f"{row['worst_err_ulps']:.3g} [dim]{row['worst_case']}[/]"
         tol_ulps = spec.tolerance(row["dtype"]) / FORMATS[row["dtype"]].eps
         if row["worst_err_ulps"] is not None and row["worst_err_ulps"] > tol_ulps:

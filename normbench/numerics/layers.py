@@ -1,8 +1,8 @@
 """The three ways a stability cell computes a norm layer, forward and input gradient:
 
 - :func:`reference`: normbench's layer (plain formula, ``impl="eager"``) in float64;
-- :func:`framework`: normbench's layer as shipped (``impl="auto"``) run in the tested dtype, which
-  accumulates its statistics in float32 (as torch's own layers do);
+- :func:`framework`: normbench's layer as shipped (``impl="auto"``), or torch's own L2 layer, run
+  in the tested dtype; both accumulate their statistics in float32;
 - :func:`native`: the same formula through the :class:`~normbench.numerics.emulator.Emulator`,
   every intermediate rounded to the dtype and every reduction done in the dtype.
 
@@ -84,12 +84,19 @@ def reference(x: torch.Tensor, dy: torch.Tensor, norm: NormSpec, eps: float) -> 
 
 
 def framework(
-    x: torch.Tensor, dy: torch.Tensor, norm: NormSpec, eps: float, compute: torch.dtype, storage: Format
+    x: torch.Tensor, dy: torch.Tensor, norm: NormSpec, eps: float, compute: torch.dtype, storage: Format,
+    torch_layer: bool = False,
 ) -> Outcome:
-    """Normbench's layer as users run it: the module (``impl="auto"``) in the dtype ``compute``
-    (float32 statistics inside), output and gradient rounded to ``storage`` (fp8 is storage only).
-    The statistic stage is checked on the same float32 statistics the layer computes."""
-    module = norm.module(tuple(x.shape), eps=eps).to(device=x.device).train()
+    """The layer as users run it: normbench's module (``impl="auto"``), or with ``torch_layer``
+    torch's own layer of the family (L2 only), in the dtype ``compute`` (float32 statistics
+    inside), output and gradient rounded to ``storage`` (fp8 is storage only). The statistic stage
+    is checked on the float32 statistics of the same formula."""
+    if torch_layer:
+        if norm.p != 2 or norm.k is not None:
+            raise ValueError(f"torch has no {norm.name} layer (only L2 ones)")
+        module = norm.torch_module(tuple(x.shape), eps=eps).to(device=x.device).train()
+    else:
+        module = norm.module(tuple(x.shape), eps=eps).to(device=x.device).train()
     xc = x.detach().to(compute).requires_grad_(True)
     y = module(xc)
     y.backward(dy.to(compute))

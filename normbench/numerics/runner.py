@@ -9,7 +9,8 @@ Usable from a notebook::
 A cell computes the layer on the case's values rounded to the dtype, forward and backward with a
 fixed upstream gradient (N(0, 1) from the case's seed, rounded to the dtype), in one compute model:
 
-- ``framework``: normbench's layer as shipped, run in the dtype (statistics in float32 inside);
+- ``framework``: normbench's layer as shipped (``impl="normbench"``), or torch's own layer of the
+  family for L2 norms (``impl="torch"``), run in the dtype (statistics in float32 inside);
 - ``native``: the formula in emulated arithmetic of the dtype, reductions in ``reduction`` order.
 
 fp8 is a storage format: input, upstream gradient, output and input gradient are fp8 values, the
@@ -41,7 +42,8 @@ from normbench.numerics.metrics import compare, input_cast
 DTYPE_CHOICES = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp32")
 COMPUTES = ("framework", "native")
 FP8_COMPUTE_CHOICES = ("fp16", "bf16", "fp32")
-KEY_FIELDS = ("norm", "dtype", "compute", "compute_dtype", "reduction", "eps", "case")
+KEY_FIELDS = ("norm", "impl", "dtype", "compute", "compute_dtype", "reduction", "eps", "case")
+IMPLS = ("normbench", "torch")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class StabilitySpec:
     dtypes: tuple[str, ...] = DTYPE_CHOICES
     computes: tuple[str, ...] = COMPUTES
     reductions: tuple[str, ...] = ("pairwise",)
+    impls: tuple[str, ...] = ("normbench",)
     eps: float = 1e-5
     cases: tuple[str, ...] | None = None
     input_path: str | None = None
@@ -84,6 +87,8 @@ class StabilitySpec:
         for r in self.reductions:
             if r not in REDUCTIONS:
                 raise UserError(f"reduction {r!r}: use {', '.join(REDUCTIONS)}")
+        if not self.impls or any(i not in IMPLS for i in self.impls):
+            raise UserError(f"impl {','.join(self.impls)!r}: use normbench and/or torch")
         if self.cases is not None:
             for c in self.cases:
                 if c not in CASE_NAMES:
@@ -125,12 +130,13 @@ class Cell:
     reduction: str | None
     case: Case
     compute_dtype: str
+    impl: str = "emulated"
 
     def axes(self, spec: StabilitySpec) -> dict[str, Any]:
         """The record's axis fields (what identifies the cell in a results file)."""
         return {
             "norm": self.norm.name,
-            "impl": "normbench" if self.compute == "framework" else "emulated",
+            "impl": self.impl,
             "dtype": self.dtype,
             "compute": self.compute,
             "compute_dtype": self.compute_dtype,
@@ -151,8 +157,14 @@ def cells(spec: StabilitySpec, cases: list[Case] | None = None) -> list[Cell]:
             for name in spec.norms:
                 norm = parse_norm(name)
                 for compute in spec.computes:
-                    for reduction in spec.reductions if compute == "native" else (None,):
-                        out.append(Cell(norm, dtype, compute, reduction, case, cdt))
+                    if compute == "native":
+                        for reduction in spec.reductions:
+                            out.append(Cell(norm, dtype, compute, reduction, case, cdt, "emulated"))
+                        continue
+                    for impl in spec.impls:
+                        if impl == "torch" and (norm.p != 2 or norm.k is not None):
+                            continue  # torch has L2 layers only
+                        out.append(Cell(norm, dtype, compute, None, case, cdt, impl))
     return out
 
 
@@ -190,7 +202,8 @@ def _measure(cell: Cell, group: _Group, spec: StabilitySpec) -> dict[str, Any]:
     storage = group.storage
     compute_fmt = FORMATS[cell.compute_dtype]
     if cell.compute == "framework":
-        out = layers.framework(group.x, group.dy, cell.norm, spec.eps, compute_fmt.dtype, storage)
+        out = layers.framework(group.x, group.dy, cell.norm, spec.eps, compute_fmt.dtype, storage,
+                               torch_layer=cell.impl == "torch")
     else:
         emu = Emulator(compute_fmt, cell.reduction or "pairwise")
         out = layers.native(group.x, group.dy, cell.norm, spec.eps, emu, storage)

@@ -37,7 +37,7 @@ from normbench.kernels.constants import dispersion_constant
 from normbench.numerics.cases import expected_max_deviation
 from normbench.numerics.formats import FORMATS, FP8
 
-GROUP_FIELDS = ("norm", "dtype", "compute", "compute_dtype", "reduction", "eps")
+GROUP_FIELDS = ("norm", "impl", "dtype", "compute", "compute_dtype", "reduction", "eps")
 
 
 def analytic_bounds(
@@ -196,7 +196,7 @@ def safe_range(sweep: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (norm, dtype, compute, compute dtype, reduction, eps): measured safe range,
+    """One row per (norm, impl, dtype, compute, compute dtype, reduction, eps): measured safe range,
     analytic range, the worst error over the named cases and the sweep's safe range (where it
     came from), the named cases that failed and why, and counts of cells by status."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)

@@ -2,7 +2,7 @@
 
 A column of panels per dtype; the top row the output's error, the bottom row the input
 gradient's, both ``max_rel_err`` against the Gaussian input scale sigma (log-log), one line per
-norm (colour), native compute solid and framework dashed. A cell whose values overflowed or came
+norm (colour), native compute solid, framework dashed (torch's own layer dotted). A cell whose values overflowed or came
 out non-finite has no error: it is drawn as a cross at the top of the panel. Vertical lines mark
 the analytic bounds for the sweep's shape (:func:`normbench.numerics.summary.analytic_bounds`):
 the dtype's largest value, where fp16/compute-dtype squares overflow (L2, native), and where a
@@ -20,7 +20,7 @@ from typing import Any, Iterable
 from normbench.errors import UserError
 
 IMAGE_FORMATS = ("png", "svg", "pdf")
-COMPUTE_STYLES = {"native": "-", "framework": "--"}
+COMPUTE_STYLES = {"native": "-", "framework": "--", "torch": ":"}
 
 
 def _sweep(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -69,7 +69,8 @@ def plot_stability(
             ax = axes[row][col]
             series: dict[tuple, list[dict[str, Any]]] = {}
             for r in rows:
-                key = (r["norm"], r["compute"], r.get("reduction"), r.get("compute_dtype"))
+                comp = "torch" if r.get("impl") == "torch" else r["compute"]
+                key = (r["norm"], comp, r.get("reduction"), r.get("compute_dtype"))
                 series.setdefault(key, []).append(r)
             for (norm, comp, reduction, _), pts in series.items():
                 pts.sort(key=lambda r: r["case"]["scale"])
@@ -86,7 +87,8 @@ def plot_stability(
                         ys.append(math.nan)
                     else:
                         ys.append(max(err, floor))
-                label = f"{norm} {comp}" + (f" ({reduction})" if comp == "native" and len(series) > 2 * len(norms) else "")
+                label = f"{norm} {'framework (torch)' if comp == 'torch' else comp}" + (
+                    f" ({reduction})" if comp == "native" and len({k[2] for k in series}) > 1 else "")
                 ax.plot(xs, ys, COMPUTE_STYLES.get(comp, "-"), color=colors[norm], marker="o", markersize=2.5,
                         linewidth=1.3, label=label)
                 lane = 1.7 ** norms.index(norm)  # one row of markers per norm, so none hides another

@@ -48,3 +48,18 @@ def test_fp8_runs_in_the_chosen_compute_dtype():
 def test_bad_specs_are_user_errors(bad):
     with pytest.raises(UserError):
         StabilitySpec(**bad)
+
+
+def test_torch_layers_for_l2_norms_only():
+    spec = StabilitySpec(norms=("l2", "l1", "layernorm"), dtypes=("fp16",), computes=("framework",),
+                         impls=("normbench", "torch"), cases=("deviation",), quick=True)
+    records = run(spec)
+    impls = {(r["norm"], r["impl"]) for r in records}
+    assert impls == {("l2", "normbench"), ("l2", "torch"), ("l1", "normbench"), ("layernorm", "normbench"),
+                     ("layernorm", "torch")}
+    assert all(r["status"] == "ok" for r in records)
+    # torch's own layer and normbench's L2 (identical formula, float32 statistics) agree to rounding
+    for case_value in (250.0, 260.0):
+        pair = {r["impl"]: r for r in records if r["norm"] == "l2" and r["case"]["value"] == case_value}
+        assert abs(pair["torch"]["max_rel_err"] - pair["normbench"]["max_rel_err"]) < 2 * 2.0**-10
+        assert not pair["torch"]["overflow"]  # float32 statistics: no fp16 squares to overflow
