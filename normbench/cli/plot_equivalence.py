@@ -139,6 +139,7 @@ def equivalence(
 def _render(outcome, primary: str) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     table = Table(title="Equivalence experiments: final epoch, mean ± std over seeds")
@@ -153,7 +154,8 @@ def _render(outcome, primary: str) -> None:
     console.print(table)
     for metric in [primary] + [m for m in outcome.verdicts if m != primary]:
         for v in outcome.verdicts[metric]:
-            console.print(("[bold]verdict[/] " if metric == primary else "        ") + v["text"], highlight=False)
+            line = Text("verdict ", style="bold") if metric == primary else Text("        ")
+            console.print(line + Text(v["text"]), highlight=False)
     bn = [c for c in outcome.checks if c["kind"] == "bn-preceded"]
     control = [c for c in outcome.checks if c["kind"] == "control"]
     worst_loss = max(c["loss_rel_change"] for c in bn)

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from normbench.experiments.checks import check_passes, scale_invariance_check
 from normbench.experiments.data import load_dataset
+from normbench.experiments.regimes import ALL_REGIMES
 from normbench.experiments.runner import ExperimentConfig, Progress, run
 from normbench.experiments.summary import METRICS, regime_table, verdict
 from normbench.results import ResultsWriter, environment, schema_name
@@ -23,8 +24,7 @@ PRIMARY_METRIC = "train_loss"
 def default_config() -> ExperimentConfig:
     """The default experiment (docs/equivalence.md explains the choice)."""
     return ExperimentConfig(
-        regimes=["wd_on", "wd_off", "wd_off_corrected", "norm_schedule", "batch_norm", "weight_norm",
-                 "bounded_weight_norm", "batch_norm_l1", "batch_norm_linf"],
+        regimes=list(ALL_REGIMES),
         seeds=[0, 1, 2],
         protocols=["isolated", "paper"],
         dataset="digits",

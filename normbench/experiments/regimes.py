@@ -9,6 +9,7 @@ regime                 norm  conv WD    conv weights' step
 wd_on                  bn    yes        plain SGD step, lr schedule
 wd_off                 bn    no         plain SGD step, lr schedule
 wd_off_corrected       bn    no         step of channel c scaled by ||w_c||^2 / ||w_WD,c[e]||^2
+wd_off_corrected_grad  bn    no         the same factor on the gradient, before momentum (variant)
 norm_schedule          bn    no         no lr decay; after each step ||w_c|| set to ||w_WD,c[e]||
                                         times sqrt(1/gamma) per scheduled decay so far
 batch_norm             bn    yes        as wd_on (the reference of the normalization comparison)
@@ -17,6 +18,15 @@ bounded_weight_norm    bwn   yes        bounded WN (norm fixed at init), mean-on
 batch_norm_l1          bn-1  yes        as wd_on, L1 batch-norm
 batch_norm_linf        bn-inf yes       as wd_on, L-inf batch-norm
 =====================  ====  =========  ===========================================================
+
+The paper's correction (``wd_off_corrected``, as in its code) scales the *step*, that is the
+momentum buffer, by the factor of the current weights. Since the gradient of a scale-invariant
+weight shrinks as ``1/||w||``, a buffer filled at smaller norms is multiplied by the larger factor
+of a grown norm: when a channel's norm starts to grow, its next step grows faster still, and the
+run can diverge (measured on digits: a conv1 channel going from 6 to 1e31 in a dozen steps).
+``wd_off_corrected_grad`` is a variant, not the paper's: it scales each gradient by the factor of
+the weights it was computed at, as it enters the buffer, so the feedback is gone; its effective
+learning rate is the same ``lr / ||w_WD,c[e]||^2``.
 
 ``w_WD,c[e]`` is channel c's norm at the end of epoch e in the ``wd_on`` run of the same seed and
 protocol (the paper's code uses the end-of-epoch norm as the target through that epoch).
@@ -47,7 +57,7 @@ class Regime:
     norm: str = "bn"
     p: float = 2.0
     conv_wd: bool = True
-    correction: bool = False
+    correction: str | None = None  # "step" (the paper's) or "gradient" (variant), see module doc
     norm_schedule: bool = False
     needs_reference: bool = False
     description: str = ""
@@ -72,9 +82,16 @@ REGIMES: dict[str, Regime] = {
         Regime(
             "wd_off_corrected",
             conv_wd=False,
-            correction=True,
+            correction="step",
             needs_reference=True,
             description="WD off, per-channel lr x ||w||^2/||w_WD||^2",
+        ),
+        Regime(
+            "wd_off_corrected_grad",
+            conv_wd=False,
+            correction="gradient",
+            needs_reference=True,
+            description="as wd_off_corrected, the factor applied to the gradient before momentum",
         ),
         Regime(
             "norm_schedule",
@@ -90,7 +107,7 @@ REGIMES: dict[str, Regime] = {
         Regime("batch_norm_linf", p=math.inf, description="L-inf batch-norm"),
     )
 }
-WD_REGIMES = ("wd_on", "wd_off", "wd_off_corrected", "norm_schedule")
+WD_REGIMES = ("wd_on", "wd_off", "wd_off_corrected", "wd_off_corrected_grad", "norm_schedule")
 NORM_REGIMES = ("batch_norm", "weight_norm", "bounded_weight_norm")
 LP_REGIMES = ("batch_norm_l1", "batch_norm", "batch_norm_linf")
 ALL_REGIMES = tuple(REGIMES)

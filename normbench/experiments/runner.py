@@ -232,7 +232,7 @@ def train_run(
         lr_e = lr_at(epoch, epochs, lr, gamma)
         conv_lr = lr if regime.norm_schedule else lr_e
         targets: dict[str, torch.Tensor] = {}
-        if regime.correction or regime.norm_schedule:
+        if regime.correction is not None or regime.norm_schedule:
             targets = _reference_targets(reference, epoch, device)  # type: ignore[arg-type]
             if regime.norm_schedule:
                 factor = norm_schedule_factor(epoch, epochs, gamma)
@@ -257,11 +257,16 @@ def train_run(
             with torch.no_grad():
                 for name, p, kind, layer in params:
                     d = p.grad if decay[name] == 0 else p.grad + decay[name] * p
-                    buf = buffers[name].mul_(mu).add_(d)
                     step_lr = conv_lr if kind == "conv" else lr_e
-                    if regime.correction and layer is not None:
+                    corrected = regime.correction is not None and layer is not None
+                    if corrected:  # ||w_c||^2 / ||w_WD,c[e]||^2 at the current weights
                         scale = channel_norms(p).square() / targets[layer].square()
-                        p.sub_(step_lr * scale.to(p.dtype).view(-1, *([1] * (p.dim() - 1))) * buf)
+                        scale = scale.to(p.dtype).view(-1, *([1] * (p.dim() - 1)))
+                        if regime.correction == "gradient":
+                            d = d * scale
+                    buf = buffers[name].mul_(mu).add_(d)
+                    if corrected and regime.correction == "step":
+                        p.sub_(step_lr * scale * buf)
                     else:
                         p.sub_(step_lr * buf)
                 if regime.norm_schedule:
@@ -273,7 +278,7 @@ def train_run(
         if record["diverged"]:
             break
         multipliers = None
-        if regime.correction:
+        if regime.correction is not None:
             multipliers = {
                 layer: channel_norms(p).square() / targets[layer].square()
                 for _, p, _, layer in params

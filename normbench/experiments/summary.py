@@ -1,7 +1,7 @@
 """Final numbers per regime and the verdict on the paper's claim, computed from run records.
 
-The verdict compares, per protocol and metric, the final-epoch value of ``wd_off`` and of
-``wd_off_corrected`` with ``wd_on`` seed by seed (same seed: same initialization and batch order).
+The verdict compares, per protocol and metric, the final-epoch value of ``wd_off`` and of the
+corrected regimes (``wd_off_corrected``, ``wd_off_corrected_grad``) with ``wd_on`` seed by seed (same seed: same initialization and batch order).
 
 - *seed noise* is the seed-to-seed standard deviation of ``wd_on`` (sample std, needs 2 seeds);
 - WD off *departs* from WD on when every seed's difference has the same sign and the mean
@@ -17,6 +17,10 @@ import math
 import statistics
 from typing import Any, Sequence
 
+CORRECTIONS = {
+    "wd_off_corrected": "the paper's correction",
+    "wd_off_corrected_grad": "the before-momentum variant",
+}
 METRICS = {
     "train_loss": "final training loss",
     "test_loss": "final test loss",
@@ -71,7 +75,6 @@ def verdict(records: Sequence[dict[str, Any]], metric: str = "train_loss") -> li
     for protocol in dict.fromkeys(r["protocol"] for r in records):
         on = _by_seed(records, protocol, "wd_on")
         off = _by_seed(records, protocol, "wd_off")
-        corr = _by_seed(records, protocol, "wd_off_corrected")
         if not on or not off:
             continue
         on_vals = {s: _final(r, metric) for s, r in on.items()}
@@ -97,12 +100,13 @@ def verdict(records: Sequence[dict[str, Any]], metric: str = "train_loss") -> li
                 f"{METRICS[metric]}: WD off {'departs from' if entry['departs'] else 'does not depart from'} "
                 f"WD on (mean gap {gap_off:+.3g}, seed noise {noise:.2g})"
             )
-        if corr:
+        for regime, name in CORRECTIONS.items():
+            corr = _by_seed(records, protocol, regime)
+            if not corr:
+                continue
             diverged = sum(bool(r.get("diverged")) for r in corr.values())
             d_corr = [_final(r, metric) - on_vals[s] for s, r in corr.items() if s in on_vals and on_vals[s] is not None and _final(r, metric) is not None]
             gap_corr = statistics.fmean(d_corr) if d_corr else None
-            entry["gap_corrected"] = gap_corr
-            entry["corrected_diverged"] = diverged
             if gap_corr is None or noise is None or gap_off is None:
                 closes = "n/a"
             elif abs(gap_corr) <= 2 * noise:
@@ -111,13 +115,15 @@ def verdict(records: Sequence[dict[str, Any]], metric: str = "train_loss") -> li
                 closes = "narrows"
             else:
                 closes = "does not close"
-            entry["correction"] = closes
+            entry.setdefault("corrections", {})[regime] = {"gap": gap_corr, "verdict": closes, "diverged": diverged, "seeds": len(corr)}
+            if regime == "wd_off_corrected":
+                entry["gap_corrected"], entry["correction"], entry["corrected_diverged"] = gap_corr, closes, diverged
             if closes != "n/a" and entry["departs"]:
-                text += f"; the correction {closes} it (gap {gap_corr:+.3g})"
+                text += f"; {name} {closes} it (gap {gap_corr:+.3g})"
             elif closes != "n/a":
-                text += f"; no gap to close (corrected gap {gap_corr:+.3g})"
+                text += f"; {name}: no gap to close (gap {gap_corr:+.3g})"
             if diverged:
-                text += f"; the corrected run diverged for {diverged} of {len(corr)} seeds"
+                text += f", diverged for {diverged} of {len(corr)} seeds"
         entry["text"] = f"[{protocol}] {text}"
         out.append(entry)
     return out

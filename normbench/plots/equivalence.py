@@ -20,13 +20,14 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 FORMATS = ("png", "svg", "pdf")
-WD_REGIMES = ("wd_on", "wd_off", "wd_off_corrected", "norm_schedule")
+WD_REGIMES = ("wd_on", "wd_off", "wd_off_corrected", "wd_off_corrected_grad", "norm_schedule")
 NORM_REGIMES = ("batch_norm", "weight_norm", "bounded_weight_norm")
 LP_REGIMES = ("batch_norm_l1", "batch_norm", "batch_norm_linf")
 STYLE = {
     "wd_on": ("tab:blue", "-"),
     "wd_off": ("tab:red", "-"),
     "wd_off_corrected": ("tab:green", "--"),
+    "wd_off_corrected_grad": ("tab:olive", "-."),
     "norm_schedule": ("tab:purple", ":"),
     "batch_norm": ("tab:blue", "-"),
     "weight_norm": ("tab:orange", "-"),
@@ -37,7 +38,8 @@ STYLE = {
 LABEL = {
     "wd_on": "WD on",
     "wd_off": "WD off",
-    "wd_off_corrected": "WD off, lr corrected",
+    "wd_off_corrected": "WD off, lr corrected (paper)",
+    "wd_off_corrected_grad": "WD off, corrected before momentum",
     "norm_schedule": "norm schedule",
     "batch_norm": "BN (L2)",
     "weight_norm": "WN + mean-only BN",

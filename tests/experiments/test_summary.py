@@ -18,7 +18,7 @@ def test_departs_and_closes():
     assert v["departs"] is True
     assert v["gap_wd_off"] == pytest.approx(0.5333, rel=1e-3)
     assert v["correction"] == "closes"
-    assert "departs from" in v["text"] and "closes" in v["text"]
+    assert "departs from" in v["text"] and "the paper's correction closes" in v["text"]
 
 
 def test_no_departure_within_noise_and_diverged_runs_reported():
@@ -28,7 +28,7 @@ def test_no_departure_within_noise_and_diverged_runs_reported():
     (v,) = verdict(records, "train_loss")
     assert v["departs"] is False
     assert v["corrected_diverged"] == 1
-    assert "diverged for 1 of 3" in v["text"]
+    assert "diverged for 1 of 3 seeds" in v["text"]
 
 
 def test_one_seed_cannot_judge_and_table_stats():
