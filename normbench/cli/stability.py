@@ -51,6 +51,8 @@ def _fmt_scale(value: float | None, open_end: str = "") -> str:
 
 
 def _measured(m: dict[str, Any]) -> str:
+    if m["scales"] == 0:
+        return "[dim]no sweep[/]"
     if m["lo"] is None:
         return "[bold red]none[/]"
     lo = _fmt_scale(m["lo"], "≤" if m["lo_open"] else "")
@@ -204,8 +206,39 @@ class _ThrottledWriter(ResultsWriter):
             self._dirty = False
 
 
+def _user_table(records: list[dict[str, Any]]) -> Any:
+    """One row per cell on the user's tensors: what overflowed and how far off it came out."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from normbench.numerics.summary import failures
+
+    table = Table(title="your tensors (--input)")
+    for col in ("tensor", "shape", "norm", "dtype", "compute", "error, ulps", "grad error, ulps", "verdict"):
+        table.add_column(col)
+
+    def ulps(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3g}"
+
+    for r in records:
+        case = r["case"]
+        name = escape(case["file"] + (f"[{case['key']}]" if "key" in case else ""))
+        compute = r["compute"] + (f" {r['reduction']}" if r.get("reduction") else "") + (
+            " torch" if r.get("impl") == "torch" else "")
+        if r.get("status") != "ok":
+            verdict = f"[yellow]{r.get('status')}: {escape(str(r.get('reason')))}[/]"
+            table.add_row(name, r.get("shape", ""), r["norm"], r["dtype"], compute, "-", "-", verdict)
+            continue
+        why = failures(r)
+        verdict = f"[red]{', '.join(why)}[/]" if why else "[green]ok[/]"
+        table.add_row(name, r.get("shape", ""), r["norm"], r["dtype"], compute, ulps(r.get("err_ulps")),
+                      ulps(r.get("grad_err_ulps")), verdict)
+    return table
+
+
 def _render(records: list[dict[str, Any]], spec: Any, output: str | None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from normbench.numerics.formats import FORMATS
@@ -228,11 +261,11 @@ def _render(records: list[dict[str, Any]], spec: Any, output: str | None) -> Non
                 compute += " [dim]torch[/]"
             if row["compute_dtype"] != row["dtype"]:
                 compute += f" [dim]in {row['compute_dtype']}[/]"
-        worst = "-" if row["worst_err_ulps"] is None else f"{row['worst_err_ulps']:.3g} [dim]{row['worst_case']}[/]"
+        worst = "-" if row["worst_err_ulps"] is None else f"{row['worst_err_ulps']:.3g} [dim]{escape(row['worst_case'])}[/]"
         tol_ulps = spec.tolerance(row["dtype"]) / FORMATS[row["dtype"]].eps
         if row["worst_err_ulps"] is not None and row["worst_err_ulps"] > tol_ulps:
             worst = f"[red]{worst}[/]"
-        shown_failures = [f["short"] for f in row["failed_cases"]]
+        shown_failures = [escape(f["short"]) for f in row["failed_cases"]]
         failed = ", ".join(shown_failures[:5]) + (f" +{len(shown_failures) - 5} more" if len(shown_failures) > 5 else "")
         failed = f"[red]{failed}[/]" if failed else "[green]none[/]"
         notes = []
@@ -245,6 +278,9 @@ def _render(records: list[dict[str, Any]], spec: Any, output: str | None) -> Non
         table.add_row(row["norm"], row["dtype"], compute, _measured(row["measured"]), _analytic(row["analytic"]),
                       worst, failed)
     out.print(table)
+    user = [r for r in records if r.get("case", {}).get("name") == "file"]
+    if user:
+        out.print(_user_table(user))
     tol = ", ".join(f"{d} {spec.tolerance(d):.2g}" for d in spec.dtypes)
     out.print(f"[dim]Safe: finite, no overflow, at most {spec.max_input_underflow:.0%} of the input underflowing, "
               f"relative error of output and input gradient at most {tol} (min({spec.safe_ulps:g} ulps, "
@@ -255,10 +291,10 @@ def _render(records: list[dict[str, Any]], spec: Any, output: str | None) -> Non
     skipped = [r for r in records if r.get("status") == "skipped"]
     if skipped:
         reasons = sorted({r.get("reason") or "" for r in skipped})
-        out.print(f"[yellow]{len(skipped)} cells skipped:[/] " + "; ".join(reasons[:3]))
+        out.print(f"[yellow]{len(skipped)} cells skipped:[/] " + escape("; ".join(reasons[:3])))
     errors = [r for r in records if r.get("status") == "error"]
     if errors:
-        out.print(f"[bold red]{len(errors)} cells failed with an error:[/] {errors[0].get('reason')}")
+        out.print(f"[bold red]{len(errors)} cells failed with an error:[/] {escape(str(errors[0].get('reason')))}")
     if output:
         out.print(f"[dim]records: {output}[/]")
 
