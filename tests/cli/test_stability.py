@@ -82,7 +82,7 @@ def test_input_pt_and_npy(tmp_path):
                   "--norm", "linf", "--quiet"])
     assert res.exit_code == 0, res.output
     recs_text = res.stdout
-    assert "your tensors" in recs_text and "a.npy" in recs_text and "no sweep" not in recs_text  # tiny + file
+    assert "your tensors" in recs_text and "a.npy" in recs_text and "tiny" in recs_text  # --case adds to --input
 
 
 class Pickled:
