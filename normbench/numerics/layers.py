@@ -51,13 +51,16 @@ class Outcome:
     """What one computation of a layer gave, as float64 rows ``(rows, n)``: the output ``y`` and
     input gradient ``dx`` (after rounding to the storage dtype), the per-row statistic and
     dispersion, and where values left the dtype's range (``overflow_stage``: ``"statistic"`` or
-    ``"output"``, None when nothing overflowed; the input cast is checked by the caller)."""
+    ``"output"``, None when nothing overflowed; the input cast is checked by the caller), and
+    whether the input gradient left the storage dtype's range before it was stored (a saturating
+    format would hide it)."""
 
     y: torch.Tensor
     dx: torch.Tensor
     stat: torch.Tensor | None
     scale: torch.Tensor | None
     overflow_stage: str | None
+    grad_overflow: bool = False
 
 
 def _overflowed(t: torch.Tensor | None, fmt: Format) -> bool:
@@ -114,6 +117,7 @@ def framework(
         stat=stat.reshape(-1).double(),
         scale=None,
         overflow_stage=stage,
+        grad_overflow=_overflowed(xc.grad.double(), storage),
     )
 
 
@@ -161,4 +165,5 @@ def native(x: torch.Tensor, dy: torch.Tensor, norm: NormSpec, eps: float, emu: E
         stat=stat.detach().reshape(-1),
         scale=scale.detach().reshape(-1),
         overflow_stage=stage,
+        grad_overflow=_overflowed(xr.grad, emu.format) or _overflowed(xr.grad, storage),
     )

@@ -212,7 +212,7 @@ def _measure(cell: Cell, group: _Group, spec: StabilitySpec) -> dict[str, Any]:
     bwd = compare(out.dx, group.ref_dx, storage, prefix="grad_")
     # An inf in the input gradient, or a non-finite one under a finite forward pass: inf - inf
     # and 0 * inf are the only ways to a NaN there, so a value overflowed inside the backward.
-    grad_inf = bool(torch.isinf(out.dx).any()) or bool((out.dx.abs() >= storage.overflow_threshold).any())
+    grad_inf = out.grad_overflow or bool(torch.isinf(out.dx).any())
     if stage is None and fwd["nonfinite_fraction"] == 0 and bwd["grad_nonfinite_fraction"] > 0:
         grad_inf = True
     # the eps the arithmetic adds: rounded to the compute dtype (native) or float32 (framework)

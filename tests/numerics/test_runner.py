@@ -63,3 +63,14 @@ def test_torch_layers_for_l2_norms_only():
         pair = {r["impl"]: r for r in records if r["norm"] == "l2" and r["case"]["value"] == case_value}
         assert abs(pair["torch"]["max_rel_err"] - pair["normbench"]["max_rel_err"]) < 2 * 2.0**-10
         assert not pair["torch"]["overflow"]  # float32 statistics: no fp16 squares to overflow
+
+
+def test_saturated_fp8_e4m3_gradient_counts_as_overflow():
+    """e4m3 has no infinity (torch's cast clamps to 448): a constant channel's L1 gradient,
+    ~dy / eps, is clamped, not inf, and must still be reported as an overflow."""
+    spec = StabilitySpec(norms=("l1",), dtypes=("fp8_e4m3",), computes=("framework",), cases=("constant",),
+                         quick=True)
+    (r,) = run(spec)
+    assert r["grad_nonfinite_fraction"] == 0  # nothing non-finite: the cast saturated ...
+    assert r["grad_overflow"] and r["grad_overflow_stage"] == "backward"  # ... and it is still an overflow
+    assert not r["safe"]
