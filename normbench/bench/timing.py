@@ -41,11 +41,11 @@ class TimingSpec:
     worth the name).
     """
 
-    warmup_calls: int = 3
+    warmup_calls: int = 2
     min_repeats: int = 10
     max_repeats: int = 200
     min_time_s: float = 0.2
-    max_time_s: float = 2.0
+    max_time_s: float = 1.5
     min_block_s: float = 1e-3
     floor_repeats: int = 5
 
