@@ -81,7 +81,9 @@ def _band(ax, runs: Sequence[dict], value: Callable[[dict], float], regime: str,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             mean, low, high = np.nanmean(m, 0), np.nanmin(m, 0), np.nanmax(m, 0)
-    name = f"{LABEL.get(regime, regime)} (n={len(runs)})" if label else None
+    diverged = sum(bool(r.get("diverged")) for r in runs)
+    count = f"n={len(runs)}" + (f", {diverged} diverged" if diverged else "")
+    name = f"{LABEL.get(regime, regime)} ({count})" if label else None
     ax.plot(x, mean, color=color, linestyle=style, label=name, linewidth=1.6)
     if len(runs) > 1:
         ax.fill_between(x, low, high, color=color, alpha=0.18, linewidth=0)

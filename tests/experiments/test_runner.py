@@ -21,7 +21,8 @@ TINY = dict(train_size=128, width=4, epochs=4, batch_size=32, wd=2e-3, seeds=[0]
 
 
 def tiny(**changes) -> ExperimentConfig:
-    return ExperimentConfig(**{**TINY, "regimes": ["wd_on", "wd_off", "wd_off_corrected", "norm_schedule"], **changes})
+    return ExperimentConfig(**{**TINY, "regimes": ["wd_on", "wd_off", "wd_off_corrected", "wd_off_corrected_grad",
+                                                   "norm_schedule"], **changes})
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +36,15 @@ def _channels(record, epoch, layer, key):
 
 
 def test_corrected_effective_lr_equals_the_recorded_wd_run(wd_records):
-    on, corr, off = wd_records["wd_on"], wd_records["wd_off_corrected"], wd_records["wd_off"]
-    assert not corr["diverged"]
-    for e in range(len(on["epochs"])):
-        for layer in on["epochs"][e]["layers"]:
-            ref = _channels(on, e, layer, "channel_effective_lr")
-            assert torch.allclose(_channels(corr, e, layer, "channel_effective_lr"), ref, rtol=1e-6, atol=0)
-            assert corr["epochs"][e]["layers"][layer]["effective_lr"] == pytest.approx(
-                on["epochs"][e]["layers"][layer]["effective_lr"], rel=1e-6)
+    on, off = wd_records["wd_on"], wd_records["wd_off"]
+    for corr in (wd_records["wd_off_corrected"], wd_records["wd_off_corrected_grad"]):
+        assert not corr["diverged"]
+        for e in range(len(on["epochs"])):
+            for layer in on["epochs"][e]["layers"]:
+                ref = _channels(on, e, layer, "channel_effective_lr")
+                assert torch.allclose(_channels(corr, e, layer, "channel_effective_lr"), ref, rtol=1e-6, atol=0)
+                assert corr["epochs"][e]["layers"][layer]["effective_lr"] == pytest.approx(
+                    on["epochs"][e]["layers"][layer]["effective_lr"], rel=1e-6)
     # the comparison can fail: WD off's effective lr is not WD on's
     last = len(on["epochs"]) - 1
     gap = max(
@@ -77,6 +79,46 @@ def test_corrected_step_is_scaled_per_channel_by_norm_ratio():
         assert torch.allclose(_channels(corr, 0, layer, "channel_norms"), w1.flatten(1).norm(dim=1), rtol=1e-5)
         plain = w - cfg.lr * g  # the uncorrected step turns the weights by another angle
         assert recorded != pytest.approx(float(channel_angles(w, plain).mean()), rel=1e-2)
+
+
+@pytest.mark.parametrize("form", ["step", "gradient"])
+def test_two_corrected_steps_by_hand(form):
+    """The paper's form scales the momentum buffer by the current factor; the variant scales each
+    gradient by the factor of the weights it was computed at, before it enters the buffer."""
+    cfg = tiny(train_size=64, epochs=1)
+    data = load_dataset("digits", train_size=64)
+    on = train_run(cfg.run_config("wd_on", 0, "isolated"), data)
+    for layer in on["epochs"][0]["layers"].values():
+        layer["channel_norms"] = [0.5 * v for v in layer["channel_norms"]]
+    regime = "wd_off_corrected" if form == "step" else "wd_off_corrected_grad"
+    corr = train_run(cfg.run_config(regime, 0, "isolated"), data, reference=on)
+    torch.manual_seed(0)
+    model = build_model("small", "bn", 2.0, data.input_shape, 10, 4).train()
+    convs = conv_layers(model)
+    targets = {layer: _channels(on, 0, layer, "channel_norms") for layer, _ in convs}
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    bufs = {layer: 0.0 for layer, _ in convs}
+    angles = {layer: [] for layer, _ in convs}
+    # isolated protocol: every parameter but the conv weights keeps WD, with torch's SGD
+    others = [p for name, p in model.named_parameters() if not name.startswith("conv")]
+    opt = torch.optim.SGD(others, lr=0.1, momentum=0.9, weight_decay=2e-3)
+    for i in (0, 32):
+        model.zero_grad()
+        F.cross_entropy(model(data.x_train[order[i:i + 32]]), data.y_train[order[i:i + 32]]).backward()
+        with torch.no_grad():
+            for layer, conv in convs:
+                w = conv.weight
+                scale = (w.double().flatten(1).norm(dim=1) ** 2 / targets[layer] ** 2).float().view(-1, 1, 1, 1)
+                g = w.grad * scale if form == "gradient" else w.grad
+                bufs[layer] = 0.9 * bufs[layer] + g
+                step = 0.1 * (scale * bufs[layer] if form == "step" else bufs[layer])
+                before = w.detach().clone()
+                w -= step
+                angles[layer].append(float(channel_angles(before, w).mean()))
+        opt.step()
+    for layer, _ in convs:
+        expected = sum(angles[layer]) / 2
+        assert corr["epochs"][0]["layers"][layer]["angular_update"] == pytest.approx(expected, rel=1e-4), layer
 
 
 def test_norm_schedule_norms_follow_the_wd_run_grown_at_each_decay(wd_records):
