@@ -158,7 +158,7 @@ def profile_cell(
         fn, forward = build_pass(cell)
         m: Measurement = measure(fn, timing, timer)
         saved = saved_tensor_bytes(forward)
-        peak, _why = peak_memory(fn, cell.device) if measure_memory else (None, "not measured")
+        peak, why = peak_memory(fn, cell.device) if measure_memory else (None, "not measured (--no-memory)")
     except CellSkipped as exc:
         return empty_record(cell, "skipped", str(exc))
     except Exception as exc:  # noqa: BLE001 - one failing cell must not end the run
@@ -166,7 +166,7 @@ def profile_cell(
     nbytes = pass_bytes(cell.norm, cell.shape, cell.dtype, cell.pass_, cell.mode)
     median = m.median
     gbps = nbytes / median / 1e9 if median > 0 else None
-    record = empty_record(cell, "ok", None)
+    record = empty_record(cell, "ok", None if peak is not None else f"peak_memory_bytes {why}")
     record.update(
         time_median_s=median,
         time_iqr_s=m.iqr,

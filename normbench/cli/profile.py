@@ -99,14 +99,12 @@ def _load_average() -> float | None:
         return None
 
 
-def _fmt_time(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds * 1e6:.0f} µs"
+def _fmt_time_iqr(median: float, iqr: float | None) -> str:
+    """``12.79 ±0.16 ms``: median and IQR in the median's unit."""
+    scale, unit = (1.0, "s") if median >= 1 else (1e3, "ms") if median >= 1e-3 else (1e6, "µs")
+    digits = 0 if unit == "µs" else 2
+    spread = "" if iqr is None else f" ±{iqr * scale:.{digits}f}"
+    return f"{median * scale:.{digits}f}{spread} {unit}"
 
 
 def _fmt_mb(nbytes: int | None) -> str:
@@ -154,7 +152,7 @@ def render(records: Iterable[dict[str, Any]], console: Any) -> None:
                    "vs torch: torch's layer time / this time; saved: kept for backward")
         table = Table(title=f"[bold]{name}[/]", caption=caption, caption_justify="left", box=box.SIMPLE_HEAD,
                       pad_edge=False)
-        table.add_column("shape dtype pass / norm impl", no_wrap=True)
+        table.add_column("shape dtype pass / norm impl", no_wrap=True)  # block header rows, then cells
         table.add_column("time ± IQR", justify="right", no_wrap=True)
         table.add_column("GB/s", justify="right", no_wrap=True)
         table.add_column("of copy bandwidth", no_wrap=True)
@@ -171,7 +169,7 @@ def render(records: Iterable[dict[str, Any]], console: Any) -> None:
             table.add_row(f"[bold]{header}[/]")
             for i, r in enumerate(block):
                 name_cell = f"  {r['norm']} {r['impl']}"
-                time_cell = f"{_fmt_time(r['time_median_s'])} ±{_fmt_time(r.get('time_iqr_s'))}"
+                time_cell = _fmt_time_iqr(r["time_median_s"], r.get("time_iqr_s"))
                 if i == 0:
                     name_cell = f"[bold green]▶ {r['norm']} {r['impl']}[/]"
                     time_cell = f"[bold green]{time_cell}[/]"

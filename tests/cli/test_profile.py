@@ -108,3 +108,28 @@ def test_subprocess_entry_point(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
+
+
+def test_ctrl_c_keeps_every_finished_cell(tmp_path, monkeypatch):
+    import normbench.bench.runner as runner
+
+    real = runner.profile_cell
+    calls = []
+
+    def interrupted_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "profile_cell", interrupted_on_the_third)
+    out = tmp_path / "i.json"
+    res = CliRunner().invoke(main, ["profile", *TINY, "--norm", "l2,l1,linf", "--output", str(out)],
+                             prog_name="normbench")
+    assert res.exit_code == 130
+    assert "every finished cell is in the output file" in res.output
+    kept = read_results(out, schema=schema_name("profile")).records
+    assert [r["norm"] for r in kept] == ["l2", "l2"] and all(r["status"] == "ok" for r in kept)
+    monkeypatch.setattr(runner, "profile_cell", real)
+    res = invoke(["profile", *TINY[:-2], "--norm", "l2,l1,linf", "--quiet", "--output", str(out), "--resume"])
+    assert res.exit_code == 0 and len(read_results(out).records) == 4
