@@ -88,6 +88,8 @@ def _analytic(a: dict[str, Any] | None) -> str:
 @click.option("--case", "case", help="Input generators, comma-separated: gauss (scale sweep), offset, heavy_tail, "
               "outliers, constant, mixed_scale, tiny, large, deviation, beyond_range. Default: all "
               "(none when --input is given).")
+@click.option("--shape", help="Shape of the generated cases, e.g. 64x256x14x14 (dimension 1 the channel; "
+              "default 32x4x128, quick 16x4x64; tiny and large keep theirs).")
 @click.option("--input", "input_path", type=click.Path(dir_okay=False),
               help="Your own tensors: .pt/.pth (torch.load weights_only), .npy or .npz; one case per tensor.")
 @click.option("--fp8-compute", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
@@ -100,7 +102,7 @@ def _analytic(a: dict[str, Any] | None) -> str:
 @click.option("--resume", is_flag=True, help="Keep the cells already in --output and run only the others.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def stability(norm: str, dtype: str, compute: str, reduction: str, impl: str, eps: float, case: str | None,
-              input_path: str | None, fp8_compute: str, fail_on: str | None, device: str, quick: bool,
+              shape: str | None, input_path: str | None, fp8_compute: str, fail_on: str | None, device: str, quick: bool,
               output: str | None, resume: bool, quiet: bool) -> None:
     """Where does each norm layer overflow, underflow or lose accuracy in fp16, bf16 and fp8,
     against a float64 reference, forward and input gradient?
@@ -109,7 +111,7 @@ def stability(norm: str, dtype: str, compute: str, reduction: str, impl: str, ep
     compute models, and prints per norm and dtype the safe range of input scales (measured, and
     the analytic thresholds beside it), the worst error and the cases that failed.
     """
-    from normbench.axes import dtype_name, parse_dtypes, parse_norms, resolve_device, split_list
+    from normbench.axes import dtype_name, parse_dtypes, parse_norms, parse_shape, resolve_device, split_list
     from normbench.errors import UserError
     from normbench.numerics.runner import KEY_FIELDS, StabilitySpec, cells, iter_records
     from normbench.results import environment, schema_name
@@ -130,6 +132,7 @@ def stability(norm: str, dtype: str, compute: str, reduction: str, impl: str, ep
         computes=tuple(dict.fromkeys(split_list(compute))),
         reductions=tuple(dict.fromkeys(split_list(reduction))),
         impls=tuple(dict.fromkeys(split_list(impl))),
+        shape=None if shape is None else parse_shape(shape),
         eps=eps,
         cases=cases,
         input_path=input_path,

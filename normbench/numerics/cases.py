@@ -16,9 +16,9 @@ Generators (``--case`` names):
 ``mixed_scale(lo, hi)``      channel c of N(0, 1) scaled by 10^(lo .. hi), log-spaced over channels
 ``tiny``                     N(0, 1), 4 values per channel (2 per layer-norm row)
 ``large``                    N(0, 1), 2^16 values per channel and per layer-norm row
-``deviation(value, spread)`` N(0, spread^2) with one value per channel at +value: just below
-                             or above 256, where fp16 squares overflow
-``beyond_range(value)``      N(0, 1) with one value per channel at +value, beyond a dtype's range
+``deviation(value, spread)`` N(0, spread^2) with the first value of every last-dimension row at
+                             +value: just below or above 256, where fp16 squares overflow
+``beyond_range(value)``      N(0, 1) with the first value of every row at +value, beyond a dtype's range
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def _mixed_scale(shape, gen, lo: float = -3.0, hi: float = 3.0) -> torch.Tensor:
 
 
 def _spike(shape, gen, value: float, spread: float = 1.0) -> torch.Tensor:
-    """N(0, spread^2) with the first value of every channel (and of every layer-norm row) at
-    ``value``."""
+    """N(0, spread^2) with the first value of every last-dimension row at ``value`` (for the
+    default (N, C, L) shape: N values of each channel's N * L, one per layer-norm row)."""
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * spread
     x[..., 0] = value
     return x
@@ -145,15 +145,20 @@ def sweep_scales(quick: bool = False) -> list[float]:
     return [10.0**e for e in exps]
 
 
-def default_cases(names: tuple[str, ...] | None = None, quick: bool = False, seed: int = 0) -> list[Case]:
+def default_cases(
+    names: tuple[str, ...] | None = None, quick: bool = False, seed: int = 0, shape: tuple[int, ...] | None = None
+) -> list[Case]:
     """The embedded grid of cases (all generators, or those in ``names``). Quick runs use smaller
     shapes and a coarser sweep; the large case keeps 2^16 values per statistic in full runs and
-    2^12 in quick ones."""
+    2^12 in quick ones. ``shape`` (2 to 5 dimensions, dimension 1 the channel) replaces the default
+    shape of every case but ``tiny`` and ``large``, whose shapes are their point."""
     wanted = CASE_NAMES if names is None else names
     unknown = [n for n in wanted if n not in GENERATORS]
     if unknown:
         raise ValueError(f"unknown case {unknown[0]!r}: use {', '.join(CASE_NAMES)}")
-    shape = (16, 4, 64) if quick else (32, 4, 128)
+    if shape is not None and not 2 <= len(shape) <= 5:
+        raise ValueError(f"case shapes have 2 to 5 dimensions (N, C, ...), got {list(shape)}")
+    shape = tuple(shape) if shape is not None else ((16, 4, 64) if quick else (32, 4, 128))
     cases: list[Case] = []
 
     def add(name: str, shape=shape, **params: Any) -> None:

@@ -49,7 +49,8 @@ IMPLS = ("normbench", "torch")
 @dataclass(frozen=True)
 class StabilitySpec:
     """What to measure. ``cases``: generator names (None: all of them; an empty tuple: none, for
-    runs on ``input_path`` alone). ``safe_ulps``: the error (output and input gradient, in units
+    runs on ``input_path`` alone); ``shape``: the generated cases' shape (None: 32x4x128, quick
+    16x4x64). ``safe_ulps``: the error (output and input gradient, in units
     of the dtype's epsilon, capped at a relative error of ``max_safe_rel_err``) within which a
     cell counts as safe; ``max_input_underflow``: the largest fraction of the input that may
     underflow (zero or subnormal after the cast) in a safe cell. ``threads``: torch's CPU threads
@@ -61,6 +62,7 @@ class StabilitySpec:
     computes: tuple[str, ...] = COMPUTES
     reductions: tuple[str, ...] = ("pairwise",)
     impls: tuple[str, ...] = ("normbench",)
+    shape: tuple[int, ...] | None = None
     eps: float = 1e-5
     cases: tuple[str, ...] | None = None
     input_path: str | None = None
@@ -93,6 +95,8 @@ class StabilitySpec:
             for c in self.cases:
                 if c not in CASE_NAMES:
                     raise UserError(f"unknown case {c!r}: use {', '.join(CASE_NAMES)}")
+        if self.shape is not None and (not 2 <= len(self.shape) <= 5 or min(self.shape) < 1):
+            raise UserError(f"shape {list(self.shape)}: the cases take (N, C, ...) shapes of 2 to 5 dimensions")
         if not (self.eps >= 0 and math.isfinite(self.eps)):
             raise UserError(f"eps must be a finite number >= 0, got {self.eps}")
         if self.fp8_compute not in FP8_COMPUTE_CHOICES:
@@ -110,7 +114,7 @@ class StabilitySpec:
 
     def all_cases(self) -> list[Case]:
         """Generated cases then the user's tensors."""
-        cases = [] if self.cases == () else default_cases(self.cases, self.quick, self.seed)
+        cases = [] if self.cases == () else default_cases(self.cases, self.quick, self.seed, self.shape)
         if self.input_path is not None:
             from normbench.numerics.inputs import load_inputs
 

@@ -110,6 +110,8 @@ def test_refused_pickle_is_one_line_and_nonzero(tmp_path):
     (["--eps", "nan"], "eps"),
     (["--device", "tpu"], "unknown device"),
     (["--input", "missing.pt"], "no such file"),
+    (["--shape", "8"], "2 to 5 dimensions"),
+    (["--shape", "8xq"], "bad shape"),
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, args, words):
     if "--output" in args:

@@ -74,3 +74,13 @@ def test_saturated_fp8_e4m3_gradient_counts_as_overflow():
     assert r["grad_nonfinite_fraction"] == 0  # nothing non-finite: the cast saturated ...
     assert r["grad_overflow"] and r["grad_overflow_stage"] == "backward"  # ... and it is still an overflow
     assert not r["safe"]
+
+
+def test_shape_replaces_the_generated_cases_shape():
+    spec = StabilitySpec(norms=("l2", "groupnorm"), dtypes=("bf16",), computes=("native",), cases=("gauss", "tiny"),
+                         quick=True, shape=(4, 32, 3, 3))
+    records = run(spec)
+    shapes = {r["case"]["name"]: r["shape"] for r in records}
+    assert shapes == {"gauss": "4x32x3x3", "tiny": "2x4x2"}
+    n = {(r["norm"], r["case"]["name"]): r["n"] for r in records if r["status"] == "ok"}
+    assert n[("l2", "gauss")] == 4 * 9 and n[("groupnorm", "gauss")] == 32 * 9 // 32
