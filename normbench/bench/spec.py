@@ -143,7 +143,7 @@ class ProfileSpec:
 
     groups: tuple[ShapeGroup, ...] = DEFAULT_GROUPS
     norms: tuple[str, ...] | None = None
-    impls: tuple[str, ...] = ("torch", "eager", "analytic", "paper")
+    impls: tuple[str, ...] = field(default_factory=lambda: tuple(IMPLS))  # every registered one
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     passes: tuple[str, ...] = ("fwd", "fwd+bwd")
     modes: tuple[str, ...] = ("train",)

@@ -15,7 +15,8 @@ import click
 @click.command()
 @click.option("--norm", help="Norms, comma-separated: l2, l1, linf, top<k> (batch-norm), layernorm, rmsnorm, "
               "groupnorm and their Lp variants (l1-layernorm ...). Default: each shape group's own.")
-@click.option("--impl", help="Implementations: torch, eager, analytic, paper. Default: all.")
+@click.option("--impl", help="Implementations: torch, eager, analytic, paper and any other registered in "
+              "normbench.bench.IMPLS. Default: all registered.")
 @click.option("--dtype", help="Dtypes: fp32, bf16, fp16, fp64, fp8_e4m3, fp8_e5m2. Default: fp32,bf16.")
 @click.option("--shape", help="Input shapes, e.g. 32x64x56x56,4096x1024 (instead of the default grid).")
 @click.option("--preset", help="Shape presets: resnet50 (batch 32 and 256), resnet50-b32, resnet50-b256, "

@@ -74,3 +74,15 @@ def test_options_parse_into_the_spec():
 def test_bad_values_are_user_errors(kwargs, message):
     with pytest.raises(UserError, match=message):
         make_spec(**kwargs)
+
+
+def test_a_registered_implementation_joins_the_default_grid():
+    from normbench.bench.impls import IMPLS, Impl, register
+
+    register(Impl("extra_test", "test", build=IMPLS["eager"].build))
+    try:
+        assert "extra_test" in make_spec().impls
+        assert "extra_test" in {c.impl for c in make_spec(quick=True).cells("cpu")}
+    finally:
+        IMPLS.pop("extra_test")
+    assert "extra_test" not in make_spec().impls
