@@ -124,8 +124,6 @@ def equivalence(
         train_size=train_size, label_noise=label_noise, lr=lr, wd=wd, momentum=momentum,
         batch_size=batch_size, device=resolve_device(device),
     )
-    if dataset is not None and dataset != "digits" and model is None and config.width is not None:
-        config.width = None  # the quick width is meant for 8x8 digits
     torch.set_num_threads(threads)
     show = not quiet and sys.stderr.isatty()
     if show:

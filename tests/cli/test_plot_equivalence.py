@@ -67,3 +67,17 @@ def test_bad_options_are_one_line_errors(tmp_path, args, message):
     assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
     assert message in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_subprocess_entry_point_reports_bad_options(tmp_path):
+    """Through a real process: the one-line error and exit code 2, before any training."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "normbench", "plot", "equivalence", "--epochs", "0", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("Error:") and len(proc.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
