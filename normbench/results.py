@@ -1,8 +1,10 @@
 """Result records, environment metadata, and JSON / JSONL / CSV read and write.
 
 A results file holds ``{"schema": "normbench.<command>/1", "environment": {...}, "records": [...]}``.
-Records are streamed: :class:`ResultsWriter` rewrites the file atomically (``.json``, ``.csv``) or
-appends a line (``.jsonl``) after every record, so an interrupted run keeps every finished cell.
+Records are streamed: :class:`ResultsWriter` puts every record on disk as it comes, in constant time
+(``.jsonl`` appends a line; ``.json`` keeps one record per line and rewrites only its closing
+``]}``; ``.csv`` appends a row, and rewrites the file only when a record brings a new column), so
+an interrupted run keeps every finished cell and a long run does not slow down.
 With ``resume=True`` the records already in the file are kept and :meth:`ResultsWriter.has` tells
 the caller which cells to skip. Records are plain dicts of JSON values: every record carries its
 axes, ``status`` ("ok" | "skipped" | "error") and ``reason``.
@@ -168,6 +170,7 @@ class ResultsWriter:
         self.environment = environment
         self.key_fields = tuple(key_fields)
         self.records: list[dict[str, Any]] = []
+        self._columns: list[str] = []
         if resume and self.path.exists() and self.path.stat().st_size > 0:
             old = read_results(self.path, schema=schema)
             self.records = [r for r in old.records if r.get("status") != "error"]
@@ -187,30 +190,40 @@ class ResultsWriter:
         if self.format == ".jsonl":
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-                f.flush()
+        elif self.format == ".json":
+            with self.path.open("r+b") as f:
+                f.seek(-len(_JSON_TRAILER), os.SEEK_END)
+                sep = ",\n" if len(self.records) > 1 else "\n"
+                f.write((sep + json.dumps(record) + _JSON_TRAILER).encode())
+                f.truncate()
+        elif set(record) <= set(self._columns):
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self._columns).writerow(
+                    {k: _csv_value(record.get(k)) for k in self._columns})
         else:
             self._rewrite()
 
     def _rewrite(self) -> None:
+        """Write the whole file atomically (a temporary file, then a rename)."""
         tmp = self.path.with_name(self.path.name + ".tmp")
         with tmp.open("w", newline="") as f:
             if self.format == ".json":
-                json.dump(
-                    {"schema": self.schema, "environment": self.environment, "records": self.records},
-                    f,
-                    indent=1,
-                )
-                f.write("\n")
+                head = json.dumps({"schema": self.schema, "environment": self.environment})[:-1]
+                f.write(head + ', "records": [')
+                f.write(",".join("\n" + json.dumps(r) for r in self.records) + _JSON_TRAILER)
             elif self.format == ".jsonl":
                 f.write(json.dumps({"schema": self.schema, "environment": self.environment}) + "\n")
                 for r in self.records:
                     f.write(json.dumps(r) + "\n")
             else:
-                columns: list[str] = []
+                self._columns = []
                 for r in self.records:
-                    columns.extend(k for k in r if k not in columns)
-                writer = csv.DictWriter(f, fieldnames=columns)
+                    self._columns.extend(k for k in r if k not in self._columns)
+                writer = csv.DictWriter(f, fieldnames=self._columns)
                 writer.writeheader()
                 for r in self.records:
-                    writer.writerow({k: _csv_value(r.get(k)) for k in columns})
+                    writer.writerow({k: _csv_value(r.get(k)) for k in self._columns})
         os.replace(tmp, self.path)
+
+
+_JSON_TRAILER = "\n]}\n"

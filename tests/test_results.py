@@ -63,3 +63,15 @@ def test_environment_fields():
     env = environment("cpu")
     for key in ("normbench_version", "torch_version", "device", "device_name", "threads", "timestamp", "command"):
         assert env[key] not in (None, "")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_appends_keep_the_file_valid_and_new_columns_widen_csv(tmp_path, suffix):
+    path = tmp_path / f"r{suffix}"
+    w = ResultsWriter(path, "normbench.profile/1", {"x": 1}, KEYS)
+    for i in range(5):
+        w.write(_rec("l1", [i]))
+        assert len(read_results(path).records) == i + 1
+    w.write(_rec("l2", [9], gbps=3.5))
+    recs = read_results(path).records
+    assert len(recs) == 6 and recs[-1]["gbps"] == 3.5 and recs[0].get("gbps") is None

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from typing import Any
 
 import click
 
-from normbench.results import ResultsWriter, record_key
+from normbench.results import ResultsWriter
 
 FAIL_ON_HELP = "overflow (any overflow or non-finite output/gradient) and/or error:<ulps>, comma-separated"
 
@@ -141,7 +140,7 @@ def stability(norm: str, dtype: str, compute: str, reduction: str, impl: str, ep
         fp8_compute=fp8_compute,
     )
     grid = cells(spec)
-    writer = _ThrottledWriter(output, schema_name("stability"), environment(dev), KEY_FIELDS, resume=resume) \
+    writer = ResultsWriter(output, schema_name("stability"), environment(dev), KEY_FIELDS, resume=resume) \
         if output else None
 
     from rich.console import Console
@@ -154,15 +153,11 @@ def stability(norm: str, dtype: str, compute: str, reduction: str, impl: str, ep
                   console=err, disable=not show, transient=True) as bar:
         task = bar.add_task("cells", total=len(grid))
         skip = writer.has if writer else None
-        try:
-            for record in iter_records(spec, skip=skip, grid=grid):
-                if writer:
-                    writer.write(record)
-                records.append(record)
-                bar.update(task, advance=1)
-        finally:
+        for record in iter_records(spec, skip=skip, grid=grid):
             if writer:
-                writer.flush()
+                writer.write(record)
+            records.append(record)
+            bar.update(task, advance=1)
     shown = writer.records if writer else records
     _render(shown, spec, output)
     if fail_overflow or fail_ulps is not None:
@@ -177,36 +172,6 @@ def stability(norm: str, dtype: str, compute: str, reduction: str, impl: str, ep
                 err=True,
             )
             sys.exit(1)
-
-
-class _ThrottledWriter(ResultsWriter):
-    """A ResultsWriter that rewrites a .json/.csv file at most once a second, and on
-    :meth:`flush`: ResultsWriter rewrites the whole file on every record, which for thousands of
-    small stability cells costs more than measuring them (quadratic). .jsonl appends per record.
-    An interrupted run still keeps every finished cell (the command flushes in a ``finally``);
-    a killed process loses at most the last second."""
-
-    interval_s = 1.0
-    _last = 0.0
-    _dirty = False
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.format == ".jsonl":
-            super().write(record)
-            return
-        self.records.append(record)
-        self._done.add(record_key(record, self.key_fields))
-        now = time.monotonic()
-        if now - self._last >= self.interval_s:
-            self._rewrite()
-            self._last, self._dirty = now, False
-        else:
-            self._dirty = True
-
-    def flush(self) -> None:
-        if self._dirty:
-            self._rewrite()
-            self._dirty = False
 
 
 def _user_table(records: list[dict[str, Any]]) -> Any:
