@@ -53,11 +53,9 @@ def set_backend(name: str) -> None:
 
 def triton_available() -> bool:
     """Whether triton imports (the CUDA kernels need it)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def _triton_kernels(x: torch.Tensor):

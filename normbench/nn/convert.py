@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from normbench.nn.modules import LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d, _LpBatchNorm
+from normbench.nn.modules import LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d
 
 _TARGET = {
     nn.BatchNorm1d: LpBatchNorm1d,
