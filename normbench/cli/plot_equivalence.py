@@ -147,7 +147,9 @@ def _render(outcome, primary: str) -> None:
     for row in outcome.table:
         table.add_row(
             row["protocol"], row["regime"], str(row["seeds"]), _fmt(row["test_acc"], 100.0),
-            _fmt(row["test_loss"]), _fmt(row["train_loss"]), str(row["diverged"]) if row["diverged"] else "",
+            _fmt(row["test_loss"]), _fmt(row["train_loss"]),
+            " ".join(filter(None, [str(row["diverged"]) if row["diverged"] else "",
+                                   f"{row['skipped']} skipped" if row["skipped"] else ""])),
         )
     console.print(table)
     for metric in [primary] + [m for m in outcome.verdicts if m != primary]:
@@ -166,7 +168,7 @@ def _render(outcome, primary: str) -> None:
         highlight=False,
     )
     console.print(
-        f"{len(outcome.records)} runs ({outcome.trained} trained, {len(outcome.records) - outcome.trained} from cache); "
+        f"{len(outcome.records)} runs, {outcome.trained} of them trained now (the rest from the cache or shared); "
         f"results {outcome.results_path}; {len(outcome.figures)} figures in {outcome.results_path.parent}",
         highlight=False,
     )

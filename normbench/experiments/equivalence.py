@@ -59,7 +59,7 @@ class Outcome:
     results_path: Path
     table: list[dict[str, Any]]
     verdicts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    trained: int = 0
+    trained: int = 0  # distinct runs trained by this call (the others came from the cache)
 
 
 def run_equivalence(
@@ -100,5 +100,5 @@ def run_equivalence(
         results_path=writer.path,
         table=regime_table(records),
         verdicts={m: verdict(records, m) for m in METRICS},
-        trained=sum(not r["cached"] for r in records),
+        trained=len({r["config_hash"] for r in records if not r["cached"] and r["status"] == "ok"}),
     )

@@ -325,6 +325,23 @@ def _cache_write(cache_dir: Path | None, key: str, record: dict[str, Any]) -> No
     os.replace(tmp, cache_dir / f"{key}.json")
 
 
+def _skipped(run_config: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The record of a run that could not be trained (shown, never silently dropped)."""
+    return {
+        "regime": run_config["regime"],
+        "seed": run_config["seed"],
+        "protocol": run_config["protocol"],
+        "status": "skipped",
+        "reason": reason,
+        "config": run_config,
+        "config_hash": config_hash(run_config),
+        "diverged": False,
+        "epochs": [],
+        "final": {k: None for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
+        "cached": False,
+    }
+
+
 def run(
     config: ExperimentConfig,
     cache_dir: str | Path | None = None,
@@ -371,10 +388,12 @@ def run(
             reference = None
             if any(REGIMES[r].needs_reference for r in regimes):
                 reference = get(REFERENCE_REGIME, seed, protocol, None)
-                if reference["diverged"]:
-                    raise UserError(f"the {REFERENCE_REGIME} run of seed {seed} diverged: nothing to correct towards")
             for regime in regimes:
-                record = get(regime, seed, protocol, reference)
+                if REGIMES[regime].needs_reference and reference is not None and reference["diverged"]:
+                    record = _skipped(config.run_config(regime, seed, protocol),
+                                      f"the {REFERENCE_REGIME} run of seed {seed} diverged: no norms to follow")
+                else:
+                    record = get(regime, seed, protocol, reference)
                 records.append(record)
                 if on_record is not None:
                     on_record(record)

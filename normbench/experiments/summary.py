@@ -41,8 +41,9 @@ def regime_table(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for r in records:
         key = (r["protocol"], r["regime"])
-        row = rows.setdefault(key, {"protocol": key[0], "regime": key[1], "seeds": 0, "diverged": 0, "values": {}})
+        row = rows.setdefault(key, {"protocol": key[0], "regime": key[1], "seeds": 0, "diverged": 0, "skipped": 0, "values": {}})
         row["seeds"] += 1
+        row["skipped"] += r.get("status") == "skipped"
         row["diverged"] += bool(r.get("diverged"))
         for metric in METRICS:
             v = _final(r, metric)

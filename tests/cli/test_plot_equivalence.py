@@ -42,7 +42,7 @@ def test_second_run_reuses_the_cache(quick_run):
     result = CliRunner().invoke(main, ["plot", "equivalence", "--quick", "--quiet", "--output-dir", str(out),
                                        "--regimes", "wd", "--format", "png,svg"])
     assert result.exit_code == 0, result.output
-    assert "0 trained" in result.output
+    assert "0 of them trained now" in result.output
     assert (out / "wd_regimes_isolated.svg").stat().st_size > 0
 
 

@@ -231,3 +231,11 @@ def test_shared_runs_carry_the_names_they_were_asked_for():
         ("isolated", "wd_on"), ("isolated", "wd_off"), ("paper", "wd_on"), ("paper", "wd_off")]
     assert records[0]["epochs"] == records[2]["epochs"]  # wd_on trains the same under both protocols
     assert records[1]["epochs"] != records[3]["epochs"]  # wd_off does not (paper: BN params lose WD)
+
+
+def test_diverged_reference_skips_the_runs_that_follow_it():
+    records = run(tiny(regimes=["wd_on", "wd_off_corrected", "norm_schedule"], lr=1e30, epochs=2))
+    on, corr, ns = records
+    assert on["diverged"] and on["status"] == "ok" and "loss became" in on["reason"]
+    for r in (corr, ns):
+        assert r["status"] == "skipped" and "diverged" in r["reason"] and r["epochs"] == []
