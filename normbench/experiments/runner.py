@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -347,7 +347,7 @@ def run(
     cache_dir: str | Path | None = None,
     progress: Progress | None = None,
     retrain: bool = False,
-    on_record: Any = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or read from the cache) every run of the grid; returns their records in grid order
     (protocol, seed, regime), each with ``cached``: whether it was read from the cache rather than

@@ -9,6 +9,7 @@ non-interactive Agg backend, so that drawing works without a display.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -75,12 +76,9 @@ def _band(ax, runs: Sequence[dict], value: Callable[[dict], float], regime: str,
     m = _matrix(runs, value)
     x = np.arange(1, m.shape[1] + 1)
     color, style = STYLE.get(regime, ("black", "-"))
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean, low, high = np.nanmean(m, 0), np.nanmin(m, 0), np.nanmax(m, 0)
+    with warnings.catch_warnings():  # an epoch where every run had diverged is all-NaN: drawn as a gap
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, low, high = np.nanmean(m, 0), np.nanmin(m, 0), np.nanmax(m, 0)
     diverged = sum(bool(r.get("diverged")) for r in runs)
     count = f"n={len(runs)}" + (f", {diverged} diverged" if diverged else "")
     name = f"{LABEL.get(regime, regime)} ({count})" if label else None
