@@ -67,7 +67,7 @@ def _fmt(stat: dict, scale: float = 1.0, digits: int = 3) -> str:
 
 
 @click.command("equivalence")
-@click.option("--quick", is_flag=True, help="A reduced run (seconds): 2 seeds, 4 epochs, 400 images, narrow model.")
+@click.option("--quick", is_flag=True, help="A reduced run (seconds): isolated protocol, 2 seeds, 4 epochs, 400 images, narrow model.")
 @click.option("--regimes", default=None, help="Comma list of regimes, or all, wd, norms, lp. [default: all]")
 @click.option("--seeds", default=None, help="Comma list of seeds, e.g. 0,1,2. [default: 0,1,2]")
 @click.option("--protocol", type=click.Choice(["isolated", "paper", "both"]), default=None,
