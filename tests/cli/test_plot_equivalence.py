@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from normbench.cli import main
+from normbench.results import read_results
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,9 @@ def test_quick_writes_results_and_figures(quick_run):
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert "wd_regimes_isolated.png" in pngs and "scale_invariance.png" in pngs and len(pngs) >= 7
     assert all((out / p).stat().st_size > 10_000 for p in pngs)
-    checks = json.loads((out / "scale_invariance.json").read_text())
-    assert checks["schema"] == "normbench.scale_invariance/1"
+    checks = read_results(out / "scale_invariance.json", schema="normbench.scale_invariance/1")
+    assert checks.records and all(c["status"] == "ok" for c in checks.records)
+    assert len(read_results(out / "equivalence.json", schema="normbench.equivalence/1").records) == len(doc["records"])
     assert "verdict" in result.output and "scale invariance (holds)" in result.output
     assert "wd_off_corrected" in result.output
 
