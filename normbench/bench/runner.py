@@ -247,18 +247,37 @@ def _run_cells(
         if skip is not None and skip(cell.axes()):
             continue
         ref_key = record_key(cell.torch_cell().axes(), KEY_FIELDS)
-        if cell.impl != "torch" and ref_key not in torch_times:
-            ref = profile_cell(cell.torch_cell(), spec.timing, timer, peak_gbps, None, False)
-            torch_times[ref_key] = ref["time_median_s"]
-        record = profile_cell(cell, spec.timing, timer, peak_gbps, torch_times.get(ref_key), spec.measure_memory)
-        if cell.impl == "torch":
-            torch_times[ref_key] = record["time_median_s"]
+        try:
+            check_cell(cell)  # a cell that cannot run needs no torch reference either
+        except CellSkipped as exc:
+            record = empty_record(cell, "skipped", str(exc))
+        else:
+            record = _measure_with_reference(cell, spec, timer, peak_gbps, torch_times, ref_key)
         records.append(record)
         if on_record:
             on_record(record)
     if on_progress:
         on_progress(len(cells), len(cells), "done")
     return records
+
+
+def _measure_with_reference(
+    cell: Cell,
+    spec: ProfileSpec,
+    timer: Timer,
+    peak_gbps: float | None,
+    torch_times: dict[tuple[str, ...], float | None],
+    ref_key: tuple[str, ...],
+) -> Record:
+    """Measure ``cell``, first measuring torch's layer for its speedup unless that time is known
+    (``torch_times`` caches it under ``ref_key``)."""
+    if cell.impl != "torch" and ref_key not in torch_times:
+        ref = profile_cell(cell.torch_cell(), spec.timing, timer, peak_gbps, None, False)
+        torch_times[ref_key] = ref["time_median_s"]
+    record = profile_cell(cell, spec.timing, timer, peak_gbps, torch_times.get(ref_key), spec.measure_memory)
+    if cell.impl == "torch":
+        torch_times[ref_key] = record["time_median_s"]
+    return record
 
 
 def _label(cell: Cell) -> str:

@@ -176,3 +176,10 @@ def test_threads_option_is_applied_and_restored():
     records = run(spec(norm="l2", impl="eager", pass_="fwd", threads=1), timer=FakeTimer(), peak_gbps=10.0)
     assert records[0]["threads"] == 1
     assert torch.get_num_threads() == before
+
+
+def test_a_skipped_cell_measures_nothing_not_even_its_torch_reference():
+    timer = FakeTimer()
+    records = run(spec(norm="layernorm", impl="paper", shape="6x5"), timer=timer, peak_gbps=10.0)
+    assert [r["status"] for r in records] == ["skipped", "skipped"]
+    assert timer.samples == 0
