@@ -64,12 +64,12 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
         env["load_average_1m"] = load
         writer = ResultsWriter(output, schema_name("profile"), env, KEY_FIELDS, resume=resume)
 
-    from rich.console import Console
-
     cores = os.cpu_count() or 1
     if dev == "cpu" and load is not None and load > 0.5 * cores:
         click.echo(f"Note: this machine is busy (load {load:.1f} on {cores} cores): CPU timings will be noisy"
                    + ("" if threads == 1 else "; --threads 1 gives steadier ones") + ".", err=True)
+
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     err = Console(stderr=True)

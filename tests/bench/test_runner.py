@@ -183,3 +183,11 @@ def test_a_skipped_cell_measures_nothing_not_even_its_torch_reference():
     records = run(spec(norm="layernorm", impl="paper", shape="6x5"), timer=timer, peak_gbps=10.0)
     assert [r["status"] for r in records] == ["skipped", "skipped"]
     assert timer.samples == 0
+
+
+def test_a_cell_too_large_for_free_memory_is_skipped_before_allocating(monkeypatch):
+    import normbench.bench.runner as runner
+
+    monkeypatch.setattr(runner, "free_memory", lambda device: 1000)
+    records = run(spec(norm="l1", impl="eager", pass_="fwd"), timer=FakeTimer(), peak_gbps=10.0)
+    assert records[0]["status"] == "skipped" and records[0]["reason"].startswith("out of memory: would need")
