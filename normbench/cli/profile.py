@@ -160,6 +160,9 @@ def render(records: Iterable[dict[str, Any]], console: Any) -> None:
         table.add_column("vs torch", justify="right", no_wrap=True)
         table.add_column("saved MiB", justify="right", no_wrap=True)
         table.add_column("peak MiB", justify="right", no_wrap=True)
+        compiled = any(r.get("compile_time_s") is not None for r in ok)
+        if compiled:  # only implementations that compile report it (their first call, apart)
+            table.add_column("compile s", justify="right", no_wrap=True)
         blocks: dict[tuple, list[dict[str, Any]]] = {}
         for r in ok:
             key = (r.get("shape"), r.get("dtype"), r.get("pass"), r.get("mode"), r.get("memory_format"))
@@ -174,14 +177,17 @@ def render(records: Iterable[dict[str, Any]], console: Any) -> None:
                 if i == 0:
                     name_cell = f"[bold green]▶ {r['norm']} {r['impl']}[/]"
                     time_cell = f"[bold green]{time_cell}[/]"
-                table.add_row(
+                cells = [
                     name_cell, time_cell,
                     "-" if r.get("gbps") is None else f"{r['gbps']:.1f}",
                     _bar(r.get("sol_fraction")),
                     "[dim]ref[/]" if r["impl"] == "torch" else _fmt_speedup(r.get("speedup_vs_torch")),
                     _fmt_mb(r.get("saved_bytes")), _fmt_mb(r.get("peak_memory_bytes")),
-                    end_section=i == len(block) - 1,
-                )
+                ]
+                if compiled:
+                    c = r.get("compile_time_s")
+                    cells.append("-" if c is None else f"{c:.1f}")
+                table.add_row(*cells, end_section=i == len(block) - 1)
         console.print(table)
         reasons: dict[tuple[str, str], set[str]] = {}
         for r in bad:

@@ -134,3 +134,23 @@ def test_ctrl_c_keeps_every_finished_cell(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "profile_cell", real)
     res = invoke(["profile", *TINY[:-2], "--norm", "l2,l1,linf", "--quiet", "--output", str(out), "--resume"])
     assert res.exit_code == 0 and len(read_results(out).records) == 4
+
+
+def test_table_shows_compile_time_only_for_implementations_that_compile():
+    from rich.console import Console
+
+    from normbench.cli.profile import render
+
+    base = {"norm": "l1", "dtype": "fp32", "shape": "4x3x2x2", "group": "g", "pass": "fwd", "mode": "train",
+            "memory_format": "contiguous", "device": "cpu", "status": "ok", "time_median_s": 1e-3,
+            "time_iqr_s": 1e-4, "gbps": 1.0, "sol_fraction": 0.1, "peak_gbps": 10.0, "saved_bytes": 0,
+            "peak_memory_bytes": 0, "speedup_vs_torch": 1.0, "threads": 1}
+    console = Console(width=200, record=True)
+    render([{**base, "impl": "eager", "compile_time_s": None}], console)
+    assert "compile s" not in console.export_text()
+    console = Console(width=200, record=True)
+    render([{**base, "impl": "eager", "compile_time_s": None},
+            {**base, "impl": "compiled", "compile_time_s": 12.5, "time_median_s": 5e-4}], console)
+    text = console.export_text()
+    assert "compile s" in text and "12.5" in text
+    assert text.index("▶ l1 compiled") < text.index("l1 eager")  # fastest first, marked
