@@ -78,8 +78,9 @@ def check_cell(cell: Cell) -> None:
 
 def free_memory(device: str) -> int | None:
     """Bytes free for new tensors on ``device`` (CPU: MemAvailable of /proc/meminfo), None if unknown."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if torch.device(device).type == "cuda":  # the driver's free memory plus torch's cached blocks
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     try:
         with open("/proc/meminfo") as f:
             for line in f:
