@@ -93,3 +93,18 @@ register(Impl(
     build=_build_paper,
     unsupported=_paper_unsupported,
 ))
+
+
+def _fused_unsupported(norm: NormSpec) -> str | None:
+    if norm.family != "batchnorm":
+        return "fused is implemented for batch-norm only"
+    return None
+
+
+register(Impl(
+    "fused",
+    "normbench's fast path: pass-minimal batch-norm (Triton kernels on CUDA, torch.compile on the CPU)",
+    build=lambda norm, shape: norm.module(shape, impl="fused"),
+    unsupported=_fused_unsupported,
+    compiles=True,
+))

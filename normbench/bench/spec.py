@@ -94,6 +94,12 @@ QUICK_GROUPS = (
     ShapeGroup("transformer 1024 rows", ((1024, 1024),), ("layernorm", "rmsnorm"), ROW_FAMILIES),
 )
 QUICK_PASSES = ("fwd+bwd",)
+
+
+def quick_impls() -> tuple[str, ...]:
+    """The registered implementations --quick runs: those that do not compile (seconds per
+    shape on the CPU) unless --impl names them."""
+    return tuple(name for name, impl in IMPLS.items() if not impl.compiles)
 DEFAULT_TIMING = TimingSpec()
 QUICK_TIMING = TimingSpec(warmup_calls=2, min_repeats=7, min_time_s=0.05, max_time_s=0.5)
 
@@ -211,7 +217,8 @@ def make_spec(
 ) -> ProfileSpec:
     """A validated :class:`ProfileSpec` from option values (comma-separated strings or lists);
     None keeps the default grid's (or with ``quick`` the reduced grid's) value."""
-    base = ProfileSpec(groups=QUICK_GROUPS, timing=QUICK_TIMING, passes=QUICK_PASSES) if quick else ProfileSpec()
+    base = ProfileSpec(groups=QUICK_GROUPS, timing=QUICK_TIMING, passes=QUICK_PASSES, impls=quick_impls()) \
+        if quick else ProfileSpec()
     groups: tuple[ShapeGroup, ...] = base.groups
     if shape is not None and preset is not None:
         raise UserError("give --shape or --preset, not both")

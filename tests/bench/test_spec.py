@@ -17,7 +17,12 @@ def test_default_grid_pairs_families_with_their_shapes():
             assert len(c.shape) == 4
         else:
             assert c.norm.family in ("layernorm", "rmsnorm") and len(c.shape) == 2
-    assert {c.impl for c in cells} == {"torch", "eager", "analytic", "paper"}
+    assert {c.impl for c in cells} == {"torch", "eager", "analytic", "paper", "fused"}
+
+
+def test_quick_grid_leaves_out_compiling_impls_unless_named():
+    assert "fused" not in {c.impl for c in make_spec(quick=True).cells("cpu")}
+    assert "fused" in {c.impl for c in make_spec(quick=True, impl="torch,fused").cells("cpu")}
 
 
 def test_torch_cells_carry_the_l2_norm_once_and_come_first():
