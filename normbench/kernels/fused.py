@@ -143,7 +143,9 @@ def _stats_topk(x3: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     such bound. Only those blocks are gathered and searched."""
     a_len, c, b_len = x3.shape
     cdt = compute_dtype(x3.dtype)
-    bs = _block_size(b_len if b_len > 1 else a_len)
+    # blocks of whole rows when they are long (the row extremes are what a vectorized reduction
+    # gives cheaply), cut so that k blocks hold a few thousand candidates at most
+    bs = _block_size(b_len, max(32, 512 // k)) if b_len > 1 else _block_size(a_len, 32)
     total, bmax, bmin = _block_extrema(x3, bs)
     mean = total / (a_len * b_len)
     bound = torch.maximum(bmax - mean[:, None], mean[:, None] - bmin)
@@ -156,7 +158,10 @@ def _stats_topk(x3: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
         pos = (blk * bs)[:, :, None] + r
     pos = pos.reshape(c, -1)
     dev = (_gather(x3, pos).to(cdt) - mean[:, None]).abs()
-    vals, sel = dev.topk(k, dim=1, sorted=False)
+    if k == 1:
+        vals, sel = dev.max(1, keepdim=True)
+    else:
+        vals, sel = dev.topk(k, dim=1, sorted=False)
     return mean, vals.mean(1), pos.gather(1, sel)
 
 
@@ -220,13 +225,15 @@ def _backward_apply(x3, gy3, mean, scale, stat, weight, sum_g, sum_gx, s3, s4, p
 def _stats_torch(x3: torch.Tensor, p: float, k: int | None):
     if k is not None:
         return _stats_topk(x3, k)
+    if p == math.inf:  # the maximum is top-1: its position spares backward a tie mask
+        return _stats_topk(x3, 1)
     mean, stat = _stats_moments(x3, p)
     return mean, stat, None
 
 
 def _backward_sums_torch(x3, gy3, mean, scale, stat, p: float, k: int | None):
-    # top-k takes its sign sum over its own k positions (in FusedLpBatchNorm.backward)
-    return _backward_moments(x3, gy3, mean, scale, stat, 2.0 if k is not None else p)
+    # L-inf and top-k take their sign sum over their own positions (in FusedLpBatchNorm.backward)
+    return _backward_moments(x3, gy3, mean, scale, stat, 2.0 if p == math.inf else p)
 
 
 class FusedLpBatchNorm(torch.autograd.Function):
@@ -259,15 +266,15 @@ class FusedLpBatchNorm(torch.autograd.Function):
         sum_g, sum_gx, s3, s4 = sums(x3, gy3, mean, scale, stat, p, k)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if k is not None:
-                # D depends only on the k largest |u_j|: c = Ck/k * sum(dy * xhat) per channel;
-                # the channel mean of that term goes in the elementwise pass, the k terms by scatter
-                c = const * sum_gx / k
+            if pos is not None:
+                # D depends only on the k largest |u_j| (the max: k=1): c = Ck/k * sum(dy * xhat)
+                # per channel; its channel mean goes in the elementwise pass, the k terms by scatter
+                c = const * sum_gx / pos.shape[1]
                 sign_k = torch.sign(_gather(x3, pos).to(scale.dtype) - mean[:, None])
                 s3 = c * sign_k.sum(1)
-            args = (x3, gy3, mean, scale, stat, weight, sum_g, sum_gx, s3, s4, p, const, n, k is not None)
+            args = (x3, gy3, mean, scale, stat, weight, sum_g, sum_gx, s3, s4, p, const, n, pos is not None)
             gx3 = (kernels.backward_apply if kernels else _backward_apply)(*args)
-            if k is not None:
+            if pos is not None:
                 a = 1.0 / scale if weight is None else weight.to(scale.dtype) / scale
                 _scatter_add(gx3, pos, -(a * c)[:, None] * sign_k)
             grad_x = uncanonical(gx3, x)
@@ -284,16 +291,16 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _index(x3: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(a, channel, b) indices of the per-channel positions ``a * B + b`` of a canonical view."""
+def _flat(x3: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Offsets into a contiguous canonical view of the per-channel positions ``a * B + b``."""
     b_len = x3.shape[2]
-    ch = torch.arange(x3.shape[1], device=x3.device)[:, None].expand_as(pos)
-    return pos // b_len, ch, pos % b_len
+    ch = torch.arange(x3.shape[1], device=x3.device)[:, None]
+    return ((pos // b_len) * x3.shape[1] + ch) * b_len + pos % b_len
 
 
 def _gather(x3: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    return x3[_index(x3, pos)]
+    return x3.view(-1)[_flat(x3, pos)]
 
 
 def _scatter_add(t3: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> None:
-    t3.index_put_(_index(t3, pos), values.to(t3.dtype), accumulate=True)
+    t3.view(-1).index_add_(0, _flat(t3, pos).reshape(-1), values.reshape(-1).to(t3.dtype))
