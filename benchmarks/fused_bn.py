@@ -1,0 +1,70 @@
+"""The fused Lp batch-norm's targets, measured in one run by normbench's profile engine.
+
+    python benchmarks/fused_bn.py [--device cpu|cuda] [--threads N] [--memory-format contiguous,channels_last]
+
+Runs torch's BatchNorm and normbench's ``fused`` batch-norm (L2, L1, L-inf, top-10) in training,
+fwd+bwd (CPU) or fwd and bwd (CUDA), on ResNet shapes, and prints each ratio beside its target:
+
+- CPU: fused L1, L-inf and top-k at least 1.5x torch in fp32 and 1.0x in bf16; fused L2 at least 1.0x.
+- CUDA: forward at >= 85% and backward at >= 70% of the copy bandwidth (over the fewest bytes),
+  and faster than torch (cuDNN) in both memory formats.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from normbench.axes import resolve_device
+from normbench.bench import runner
+from normbench.bench.spec import make_spec
+
+SHAPES = "32x64x56x56,64x256x14x14"
+
+
+def cpu_target(record: dict) -> tuple[str, bool] | None:
+    if record["impl"] != "fused" or record.get("speedup_vs_torch") is None:
+        return None
+    need = 1.0 if record["norm"] == "l2" or record["dtype"] == "bf16" else 1.5
+    return f">= {need:.1f}x torch", record["speedup_vs_torch"] >= need
+
+
+def cuda_target(record: dict) -> tuple[str, bool] | None:
+    if record["impl"] != "fused" or record.get("sol_fraction") is None:
+        return None
+    need = 0.85 if record["pass"] == "fwd" else 0.70
+    ok = record["sol_fraction"] >= need and (record.get("speedup_vs_torch") or 0) > 1.0
+    return f">= {need:.0%} of copy BW and > 1x torch", ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--memory-format", default="contiguous")
+    parser.add_argument("--shape", default=SHAPES)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    cuda = device.startswith("cuda")
+    spec = make_spec(norm="l2,l1,linf,top10", impl="torch,fused", dtype="fp32,bf16" + (",fp16" if cuda else ""),
+                     shape=args.shape, pass_="fwd,bwd" if cuda else "fwd+bwd", mode="train",
+                     memory_format=args.memory_format, device=device, threads=args.threads, measure_memory=False)
+    records = runner.run(spec)
+    judge = cuda_target if cuda else cpu_target
+    print(f"{'shape':<16}{'format':<15}{'dtype':<6}{'pass':<9}{'norm':<7}{'ms':>8}{'vs torch':>10}{'of copy BW':>12}  target")
+    passed = failed = 0
+    for r in records:
+        verdict = judge(r) if r["status"] == "ok" else None
+        if verdict is None:
+            if r["status"] != "ok":
+                print(f"{r['shape']:<16}{r['memory_format']:<15}{r['dtype']:<6}{r['pass']:<9}{r['norm']:<7} {r['status']}: {r['reason']}")
+            continue
+        text, ok = verdict
+        passed, failed = passed + ok, failed + (not ok)
+        print(f"{r['shape']:<16}{r['memory_format']:<15}{r['dtype']:<6}{r['pass']:<9}{r['norm']:<7}"
+              f"{r['time_median_s'] * 1e3:8.2f}{r['speedup_vs_torch']:9.2f}x{r['sol_fraction']:11.0%}  "
+              f"{text}: {'PASS' if ok else 'FAIL'}")
+    print(f"{passed} targets met, {failed} missed ({device}, {records[0]['threads'] if records else '?'} threads)")
+
+
+if __name__ == "__main__":
+    main()
