@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -19,6 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from normbench.plots.common import save_figure  # noqa: E402
 
 FORMATS = ("png", "svg", "pdf")
 WD_REGIMES = ("wd_on", "wd_off", "wd_off_corrected", "wd_off_corrected_grad", "norm_schedule")
@@ -191,16 +193,6 @@ def fig_scale_invariance(checks: Sequence[dict]) -> Figure:
     return fig
 
 
-def _save(fig: Figure, output_dir: Path, stem: str, formats: Iterable[str]) -> list[Path]:
-    paths = []
-    for fmt in formats:
-        path = output_dir / f"{stem}.{fmt}"
-        fig.savefig(path, dpi=110)
-        paths.append(path)
-    plt.close(fig)
-    return paths
-
-
 def draw_all(
     records: Sequence[dict[str, Any]],
     checks: Sequence[dict[str, Any]] | None,
@@ -228,15 +220,15 @@ def draw_all(
             continue
         first = _runs(ok, present[0], protocol)[0]["config"]
         wd, mu = first["wd"], first["momentum"]
-        written += _save(
+        written += save_figure(
             fig_training(ok, present, protocol, "Weight decay regimes: the paper's claim tested"),
             out, f"wd_regimes_{protocol}", formats,
         )
-        written += _save(
+        written += save_figure(
             fig_per_layer(ok, present, protocol, "norm", "||w|| (layer)", "Weight norm per layer"),
             out, f"weight_norm_{protocol}", formats,
         )
-        written += _save(
+        written += save_figure(
             fig_per_layer(
                 ok, present, protocol, "effective_lr", "lr / ||w_c||^2 (channel mean)",
                 "Effective learning rate per layer: the correction follows WD on by construction",
@@ -246,7 +238,7 @@ def draw_all(
         theory = None
         if "wd_on" in present and wd > 0:
             theory = lambda e: math.sqrt(2 * e["lr"] * wd / (1 + mu))  # noqa: E731
-        written += _save(
+        written += save_figure(
             fig_per_layer(
                 ok, present, protocol, "angular_update", "angular update per step (rad)",
                 "Angular update per step; dotted: equilibrium sqrt(2 lr WD / (1 + momentum)) of WD on",
@@ -261,7 +253,7 @@ def draw_all(
         present = [g for g in regimes if _runs(ok, g, None)]
         if len(present) >= 2:
             proto = protocols[0] if protocols else None
-            written += _save(fig_training(ok, present, proto, title), out, stem, formats)
+            written += save_figure(fig_training(ok, present, proto, title), out, stem, formats)
     if checks:
-        written += _save(fig_scale_invariance(checks), out, "scale_invariance", formats)
+        written += save_figure(fig_scale_invariance(checks), out, "scale_invariance", formats)
     return written

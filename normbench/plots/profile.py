@@ -17,6 +17,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from normbench.plots.common import save_figure
+
 FORMATS = ("png", "svg")
 IMPL_COLORS = {"torch": "0.55", "eager": "C0", "analytic": "C1", "paper": "C2", "fused": "C3"}
 METRICS = ("gbps", "time")
@@ -94,11 +96,7 @@ def _draw(plt: Any, records: Iterable[dict[str, Any]], out: Path, formats: Seque
                 for h, label in zip(*ax.get_legend_handles_labels()):
                     handles.setdefault(label, h)
             fig.legend(list(handles.values()), list(handles), fontsize=7, loc="outside right center")
-        for f in formats:
-            path = out / f"profile-{_slug(name)}.{f}"
-            fig.savefig(path, dpi=120)
-            written.append(path)
-        plt.close(fig)
+        written += save_figure(fig, out, f"profile-{_slug(name)}", formats)
     return written
 
 

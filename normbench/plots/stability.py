@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from normbench.errors import UserError
+from normbench.plots.common import save_figure
 
 IMAGE_FORMATS = ("png", "svg", "pdf")
 COMPUTE_STYLES = {"native": "-", "framework": "--", "torch": ":"}
@@ -129,12 +130,7 @@ def plot_stability(
     fig.suptitle("normbench stability: error against input scale (x at top: overflow or non-finite; "
                  "v at bottom: input underflowed); dotted: analytic bounds", fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.{fmt}"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, output_dir, name, [fmt], dpi=130)[0]
 
 
 def plot_stability_file(path: str | os.PathLike, output_dir: str | os.PathLike, fmt: str = "png",
