@@ -2,16 +2,16 @@
 
 The formulation is shaped for memory traffic (docs/performance.md has the byte model):
 
-- statistics in one pass where the math allows it: L-inf from the sum, max and min together
-  (``max|x - mu| = max(max - mu, mu - min)``); top-k from the sum and each block's max and min,
-  then a search of the k most extreme blocks only; L2 by Welford in the Triton kernel, while the
-  compiled CPU stage takes two passes (measured faster there); p=1 needs the mean before the
-  mean absolute deviation, so two passes;
+- statistics in one pass where the math allows it: top-k (and L-inf, as top-1) from the sum and
+  each block's max and min, then a search of the k most extreme blocks only; the Triton kernel
+  takes L-inf from the sum, max and min together (``max|x - mu| = max(max - mu, mu - min)``) and
+  L2 by Welford, while the compiled CPU stage takes L2 in two passes (measured faster there);
+  p=1 needs the mean before the mean absolute deviation, so two passes;
 - normalize and affine folded into one multiply-add per element, ``y = x * a + b`` with per-channel
   ``a = weight / D`` and ``b = bias - mu * a``;
-- backward: one pass that reduces ``sum(dy)``, ``sum(dy * xhat)`` (and for p=1 ``sum(sign)``, for
-  the maximum the tie count) together, then one elementwise pass; top-k adds its k positions per
-  channel by a scatter.
+- backward: one pass that reduces ``sum(dy)`` and ``sum(dy * xhat)`` (and for p=1 ``sum(sign)``)
+  together, then one elementwise pass; top-k and the maximum add the term of their k positions
+  per channel by a scatter (the Triton kernels count tied maxima in the two passes instead).
 
 On the CPU each stage is compiled with ``torch.compile`` (once per shape, dtype and p; compile time
 stays out of the timed numbers of ``normbench profile``); on CUDA the Triton kernels of
@@ -167,18 +167,14 @@ def _stats_topk(x3: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 @_maybe_compiled
 def _stats_moments(x3: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and raw statistic per channel. L-inf takes one pass (sum, max and min together); L1
-    and L2 two (the mean, then the deviations): on the CPU the compiled two-pass variance measured
-    faster than a compiled Welford pass, and it is as robust to a large mean."""
+    """Mean and raw statistic per channel for p = 1 or 2, in two passes (the mean, then the
+    deviations): on the CPU the compiled two-pass variance measured faster than a compiled Welford
+    pass, and it is as robust to a large mean."""
     xc = x3.to(compute_dtype(x3.dtype))
     rows = x3.shape[0] * x3.shape[2]
     mean = _sum02(xc) / rows
-    if p == 2:
-        u = xc - _v(mean)
-        return mean, _sum02(u * u) / rows
-    if p == 1:
-        return mean, _sum02((xc - _v(mean)).abs()) / rows
-    return mean, torch.maximum(xc.amax(2).amax(0) - mean, mean - xc.amin(2).amin(0))
+    u = xc - _v(mean)
+    return mean, _sum02(u * u if p == 2 else u.abs()) / rows
 
 
 @_maybe_compiled
@@ -189,36 +185,31 @@ def _apply(x3, mean, scale, weight, bias):
 
 
 @_maybe_compiled
-def _backward_moments(x3, gy3, mean, scale, stat, p: float):
-    """Per-channel sums for backward: sum(dy), sum(dy * xhat), and the p-specific ones
-    (p=1: sum(sign(u)); max: the sum of sign over the tied maxima and their count)."""
+def _backward_moments(x3, gy3, mean, scale, p: float):
+    """Per-channel sums for backward, in one pass: sum(dy), sum(dy * xhat), and for p=1
+    sum(sign(u)) (the fourth value is unused here; the Triton kernels count ties in it)."""
     cdt = scale.dtype
     u = x3.to(cdt) - _v(mean)
     g = gy3.to(cdt)
     sum_g, sum_gx = _sum02(g), _sum02(g * u) / scale
-    if p == 1:
-        return sum_g, sum_gx, _sum02(torch.sign(u)), sum_g
-    if p == math.inf:
-        tie = (u.abs() == _v(stat)).to(cdt)
-        return sum_g, sum_gx, _sum02(tie * torch.sign(u)), _sum02(tie)
-    return sum_g, sum_gx, sum_g, sum_g
+    return sum_g, sum_gx, _sum02(torch.sign(u)) if p == 1 else sum_g, sum_g
 
 
 @_maybe_compiled
-def _backward_apply(x3, gy3, mean, scale, stat, weight, sum_g, sum_gx, s3, s4, p: float, const: float, n: int, topk: bool):
+def _backward_apply(x3, gy3, mean, scale, stat, weight, sum_g, sum_gx, s3, s4, p: float, const: float, n: int,
+                    positions: bool):
+    """The input gradient. With ``positions`` (top-k, the maximum) only the channel mean ``s3 / n``
+    of the top-k term is applied here; the caller scatters its k terms."""
     cdt = scale.dtype
     u = x3.to(cdt) - _v(mean)
     a = 1.0 / scale if weight is None else weight.to(cdt) / scale
     dx = gy3.to(cdt) - _v(sum_g / n)
-    if p == 2:
-        dx = dx - u * _v(sum_gx / (n * scale))
-    elif p == 1:
-        dx = dx - (torch.sign(u) - _v(s3 / n)) * _v(const * sum_gx / n)
-    elif not topk:
-        tie = (u.abs() == _v(stat)).to(cdt)
-        dx = dx - (tie * torch.sign(u) - _v(s3 / n)) * _v(const * sum_gx / s4)
-    else:  # top-k: the channel mean of its term here, the k positions by the caller's scatter
+    if positions:
         dx = dx + _v(s3 / n)
+    elif p == 2:
+        dx = dx - u * _v(sum_gx / (n * scale))
+    else:
+        dx = dx - (torch.sign(u) - _v(s3 / n)) * _v(const * sum_gx / n)
     return (dx * _v(a)).to(x3.dtype)
 
 
@@ -233,7 +224,7 @@ def _stats_torch(x3: torch.Tensor, p: float, k: int | None):
 
 def _backward_sums_torch(x3, gy3, mean, scale, stat, p: float, k: int | None):
     # L-inf and top-k take their sign sum over their own positions (in FusedLpBatchNorm.backward)
-    return _backward_moments(x3, gy3, mean, scale, stat, 2.0 if p == math.inf else p)
+    return _backward_moments(x3, gy3, mean, scale, p)
 
 
 class FusedLpBatchNorm(torch.autograd.Function):
