@@ -136,7 +136,8 @@ def _block_extrema(x3: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _stats_topk(x3: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean, mean of the k largest |x - mu| and their positions ``a * B + b``, per channel.
+    """Mean, mean of the k largest |x - mu| and their offsets in the (contiguous) canonical view,
+    per channel.
 
     One pass over x finds the sum and each block's max and min; a block's largest deviation is
     ``max(max - mu, mu - min)``, and the k largest deviations lie in the k blocks with the largest
@@ -150,14 +151,16 @@ def _stats_topk(x3: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     mean = total / (a_len * b_len)
     bound = torch.maximum(bmax - mean[:, None], mean[:, None] - bmin)
     blk = bound.topk(min(k, bound.shape[1]), dim=1, sorted=False).indices  # (C, kb)
-    r = torch.arange(bs, device=x3.device)
-    if b_len > 1:  # block j covers a = j // (B / bs), b = (j % (B / bs)) * bs + r
+    ch = torch.arange(c, device=x3.device)[:, None]
+    if b_len > 1:  # block j of channel c: a = j // (B / bs), b = (j % (B / bs)) * bs + r
         nb = b_len // bs
-        pos = ((blk // nb) * b_len + (blk % nb) * bs)[:, :, None] + r
-    else:  # block j covers a = j * bs + r
-        pos = (blk * bs)[:, :, None] + r
-    pos = pos.reshape(c, -1)
-    dev = (_gather(x3, pos).to(cdt) - mean[:, None]).abs()
+        start = ((blk // nb) * c + ch) * b_len + (blk % nb) * bs
+        step = 1
+    else:  # block j of channel c: a = j * bs + r
+        start = blk * bs * c + ch
+        step = c
+    pos = (start[:, :, None] + torch.arange(bs, device=x3.device) * step).reshape(c, -1)
+    dev = (x3.view(-1)[pos].to(cdt) - mean[:, None]).abs()
     if k == 1:
         vals, sel = dev.max(1, keepdim=True)
     else:
@@ -261,13 +264,13 @@ class FusedLpBatchNorm(torch.autograd.Function):
                 # D depends only on the k largest |u_j| (the max: k=1): c = Ck/k * sum(dy * xhat)
                 # per channel; its channel mean goes in the elementwise pass, the k terms by scatter
                 c = const * sum_gx / pos.shape[1]
-                sign_k = torch.sign(_gather(x3, pos).to(scale.dtype) - mean[:, None])
+                sign_k = torch.sign(x3.view(-1)[pos].to(scale.dtype) - mean[:, None])
                 s3 = c * sign_k.sum(1)
             args = (x3, gy3, mean, scale, stat, weight, sum_g, sum_gx, s3, s4, p, const, n, pos is not None)
             gx3 = (kernels.backward_apply if kernels else _backward_apply)(*args)
             if pos is not None:
                 a = 1.0 / scale if weight is None else weight.to(scale.dtype) / scale
-                _scatter_add(gx3, pos, -(a * c)[:, None] * sign_k)
+                gx3.view(-1).index_add_(0, pos.reshape(-1), (-(a * c)[:, None] * sign_k).reshape(-1).to(gx3.dtype))
             grad_x = uncanonical(gx3, x)
         grad_w = sum_gx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = sum_g.to(ctx.bias[1]) if ctx.bias is not None and ctx.needs_input_grad[2] else None
@@ -280,18 +283,3 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
-
-
-def _flat(x3: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Offsets into a contiguous canonical view of the per-channel positions ``a * B + b``."""
-    b_len = x3.shape[2]
-    ch = torch.arange(x3.shape[1], device=x3.device)[:, None]
-    return ((pos // b_len) * x3.shape[1] + ch) * b_len + pos % b_len
-
-
-def _gather(x3: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    return x3.view(-1)[_flat(x3, pos)]
-
-
-def _scatter_add(t3: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> None:
-    t3.view(-1).index_add_(0, _flat(t3, pos).reshape(-1), values.reshape(-1).to(t3.dtype))
