@@ -8,7 +8,6 @@ import torch
 
 import oracle
 from normbench.kernels import fused
-from normbench.kernels.analytic import LpNormFunction
 from normbench.nn import LpBatchNorm2d
 from oracle import PK, PK_IDS
 
@@ -73,7 +72,8 @@ def _check_against_oracle(shape, fmt, p, k, dtype, tol):
         pytest.skip("top-k needs k <= n")
     x, w, b, gy = _data(shape, fmt, dtype)
     xg = x.clone().requires_grad_()
-    wg, bg = w.to(torch.float32 if dtype != torch.float64 else dtype).requires_grad_(), b.to(w.dtype if dtype == torch.float64 else torch.float32).requires_grad_()
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    wg, bg = w.to(param_dtype).requires_grad_(), b.to(param_dtype).requires_grad_()
     y, mean, stat = fused.FusedLpBatchNorm.apply(xg, wg, bg, p, k, 1e-5)
     assert y.dtype == dtype and y.shape == x.shape
     assert y.stride() == x.stride(), "output keeps the input's memory format"
@@ -148,7 +148,9 @@ def test_triton_welford_with_a_large_mean(triton_interpreted):
     # one pass, yet no cancellation: mean 1e4 over a spread of 1 in fp32
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(8, 2, 500, generator=g, dtype=torch.float64) + 1e4).float()
-    _, var, _ = __import__("normbench.kernels.triton_bn", fromlist=["x"]).statistics(fused.canonical(x), 2.0, None)
+    from normbench.kernels import triton_bn
+
+    _, var, _ = triton_bn.statistics(fused.canonical(x), 2.0, None)
     want = x.double().var((0, 2), correction=0)
     torch.testing.assert_close(var.double(), want, rtol=1e-4, atol=0)
 
