@@ -42,10 +42,11 @@ def interleaved(shape: tuple[int, ...], dtype: torch.dtype, rounds: int = 25) ->
     layers = {"torch": torch.nn.BatchNorm2d(shape[1]).to(dtype)}
     layers.update({n: LpBatchNorm2d(shape[1], p=p, k=k, impl="fused").to(dtype) for n, (p, k) in NORMS.items()})
     times: dict[str, list[float]] = {name: [] for name in layers}
+    inputs = {name: [x, *layer.parameters()] for name, layer in layers.items()}
     for r in range(rounds + 2):  # two warm-up rounds: compilation and allocation
         for name, layer in layers.items():
             t0 = time.perf_counter()
-            torch.autograd.backward(layer(x), gy)
+            torch.autograd.grad(layer(x), inputs[name], gy)  # as normbench profile times fwd+bwd
             if r >= 2:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}

@@ -33,7 +33,7 @@ from normbench.kernels.reference import compute_dtype
 
 _COMPILE = True
 _BACKEND = "auto"
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "numba")
 
 
 def set_compile(enabled: bool) -> None:
@@ -43,8 +43,9 @@ def set_compile(enabled: bool) -> None:
 
 
 def set_backend(name: str) -> None:
-    """``auto`` (Triton kernels for CUDA tensors, torch stages otherwise), ``torch`` or ``triton``
-    (also for CPU tensors under ``TRITON_INTERPRET=1``: how the tests run the kernels)."""
+    """``auto`` (Triton kernels for CUDA tensors; numba kernels for CPU tensors they take, when numba
+    is installed; torch stages otherwise), ``torch``, ``numba``, or ``triton`` (also for CPU tensors
+    under ``TRITON_INTERPRET=1``: how the tests run the kernels)."""
     global _BACKEND
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
@@ -58,9 +59,25 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def numba_available() -> bool:
+    """Whether numba imports (the CPU kernels need it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None
+
+
+def _numba_kernels(x: torch.Tensor):
+    """The numba kernel module when this tensor should run on it, else None."""
+    if _BACKEND not in ("auto", "numba") or x.is_cuda or not numba_available():
+        return None
+    from normbench.kernels import numba_bn
+
+    return numba_bn if numba_bn.supports(x) else None
+
+
 def _triton_kernels(x: torch.Tensor):
     """The Triton kernel module when this tensor should run on it, else None."""
-    if _BACKEND == "torch" or (_BACKEND == "auto" and not x.is_cuda):
+    if _BACKEND in ("torch", "numba") or (_BACKEND == "auto" and not x.is_cuda):
         return None
     from normbench.kernels import triton_bn
 
@@ -238,11 +255,19 @@ class FusedLpBatchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, p: float, k: int | None, eps: float):
         x3 = canonical(x)
         n = x3.shape[0] * x3.shape[2]
-        kernels = _triton_kernels(x)
-        mean, stat, pos = (kernels.statistics if kernels else _stats_torch)(x3, p, k)
+        if k is not None and k > n:
+            raise ValueError(f"top-k needs k <= the {n} values per statistic, got k={k}")
         const = dispersion_constant(p, n, k)
-        scale = (stat + eps).sqrt() if p == 2 else stat * const + eps
-        y3 = (kernels.apply if kernels else _apply)(x3, mean, scale, weight, bias)
+        cpu_kernels = _numba_kernels(x)
+        if cpu_kernels:
+            y3, mean, stat, scale, pos = cpu_kernels.forward(x3, weight, bias, p, k, const, eps)
+            cdt = compute_dtype(x.dtype)
+            mean, stat = mean.to(cdt), stat.to(cdt)
+        else:
+            kernels = _triton_kernels(x)
+            mean, stat, pos = (kernels.statistics if kernels else _stats_torch)(x3, p, k)
+            scale = (stat + eps).sqrt() if p == 2 else stat * const + eps
+            y3 = (kernels.apply if kernels else _apply)(x3, mean, scale, weight, bias)
         ctx.p, ctx.k, ctx.n, ctx.const = p, k, n, const
         ctx.bias = None if bias is None else (bias.shape, bias.dtype)
         ctx.save_for_backward(x, weight, mean, scale, stat, pos)
@@ -255,26 +280,34 @@ class FusedLpBatchNorm(torch.autograd.Function):
         p, k, n, const = ctx.p, ctx.k, ctx.n, ctx.const
         x3 = canonical(x)
         gy3 = canonical(grad_y.contiguous(memory_format=_memory_format(x)))
-        kernels = _triton_kernels(x)
-        sums = kernels.backward_sums if kernels else _backward_sums_torch
-        sum_g, sum_gx, s3, s4 = sums(x3, gy3, mean, scale, stat, p, k)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            if pos is not None:
-                # D depends only on the k largest |u_j| (the max: k=1): c = Ck/k * sum(dy * xhat)
-                # per channel; its channel mean goes in the elementwise pass, the k terms by scatter
-                c = const * sum_gx / pos.shape[1]
-                sign_k = torch.sign(x3.view(-1)[pos].to(scale.dtype) - mean[:, None])
-                s3 = c * sign_k.sum(1)
-            args = (x3, gy3, mean, scale, stat, weight, sum_g, sum_gx, s3, s4, p, const, n, pos is not None)
-            gx3 = (kernels.backward_apply if kernels else _backward_apply)(*args)
-            if pos is not None:
-                a = 1.0 / scale if weight is None else weight.to(scale.dtype) / scale
-                gx3.view(-1).index_add_(0, pos.reshape(-1), (-(a * c)[:, None] * sign_k).reshape(-1).to(gx3.dtype))
-            grad_x = uncanonical(gx3, x)
+        cpu_kernels = _numba_kernels(x)
+        if cpu_kernels:
+            gx3, sum_g, sum_gx = cpu_kernels.backward(x3, gy3, weight, mean, scale, p, k, const, pos)
+        else:
+            gx3, sum_g, sum_gx = _backward_torch_or_triton(x, x3, gy3, weight, mean, scale, stat, pos, p, k, n, const)
+        grad_x = uncanonical(gx3, x) if ctx.needs_input_grad[0] else None
         grad_w = sum_gx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = sum_g.to(ctx.bias[1]) if ctx.bias is not None and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None, None
+
+
+def _backward_torch_or_triton(x, x3, gy3, weight, mean, scale, stat, pos, p, k, n, const):
+    """``(grad_x3, sum_g, sum_gx)`` by the Triton kernels or the torch stages."""
+    kernels = _triton_kernels(x)
+    sums = kernels.backward_sums if kernels else _backward_sums_torch
+    sum_g, sum_gx, s3, s4 = sums(x3, gy3, mean, scale, stat, p, k)
+    if pos is not None:
+        # D depends only on the k largest |u_j| (the max: k=1): c = Ck/k * sum(dy * xhat) per
+        # channel; its channel mean goes in the elementwise pass, the k terms by scatter
+        c = const * sum_gx / pos.shape[1]
+        sign_k = torch.sign(x3.view(-1)[pos].to(scale.dtype) - mean[:, None])
+        s3 = c * sign_k.sum(1)
+    args = (x3, gy3, mean, scale, stat, weight, sum_g, sum_gx, s3, s4, p, const, n, pos is not None)
+    gx3 = (kernels.backward_apply if kernels else _backward_apply)(*args)
+    if pos is not None:
+        a = 1.0 / scale if weight is None else weight.to(scale.dtype) / scale
+        gx3.view(-1).index_add_(0, pos.reshape(-1), (-(a * c)[:, None] * sign_k).reshape(-1).to(gx3.dtype))
+    return gx3, sum_g, sum_gx
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

@@ -12,6 +12,7 @@ from normbench.nn import LpBatchNorm2d
 from oracle import PK, PK_IDS
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_numba = pytest.mark.skipif(not fused.numba_available(), reason="numba is not installed (pip install -e .)")
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install -e '.[test]' on Linux x86_64)")
 
 # (shape, memory format): NCHW, channels_last, 5-D both ways, 2-D and 3-D, channels not a
@@ -37,6 +38,13 @@ def eager_torch_stages():
     fused.set_backend("torch")
     yield
     fused.set_compile(True)
+    fused.set_backend("auto")
+
+
+@pytest.fixture
+def numba_kernels():
+    fused.set_backend("numba")
+    yield
     fused.set_backend("auto")
 
 
@@ -126,6 +134,31 @@ def test_module_switch_and_running_statistics(eager_torch_stages):
     torch.testing.assert_close(ours(x), ref(x))
     torch.testing.assert_close(ours.running_mean, ref.running_mean)
     torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+@needs_numba
+@pytest.mark.parametrize("shape,fmt", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("p,k", PK, ids=PK_IDS)
+def test_numba_kernels_fp64(numba_kernels, shape, fmt, p, k):
+    _check_against_oracle(shape, fmt, p, k, torch.float64, 1e-9)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("p,k", PK, ids=PK_IDS)
+def test_numba_kernels_low_precision(numba_kernels, dtype, tol, p, k):
+    # float16 is not one of numba's: it takes the torch stages
+    for shape, fmt in (LAYOUTS[1], LAYOUTS[8], LAYOUTS[9]):
+        _check_against_oracle(shape, fmt, p, k, dtype, tol)
+
+
+@needs_numba
+@pytest.mark.parametrize("p,k", PK, ids=PK_IDS)
+def test_numba_gradcheck(numba_kernels, p, k):
+    for shape, fmt in ((4, 3, 3, 2), torch.contiguous_format), ((4, 3, 3, 2), torch.channels_last):
+        x, w, b, _ = _data(shape, fmt)
+        args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
+        assert torch.autograd.gradcheck(lambda x, w, b: fused.FusedLpBatchNorm.apply(x, w, b, p, k, 1e-5)[0], args)
 
 
 @needs_triton

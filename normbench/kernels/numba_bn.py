@@ -1,0 +1,518 @@
+"""CPU kernels for fused Lp batch-norm, compiled by numba: each pass of the byte model in one loop.
+
+Every kernel works on the canonical (A, C, B) view of :func:`normbench.kernels.fused.canonical`
+(contiguous). Two layouts:
+
+- rows (B > 1, contiguous NCHW): one thread owns a channel at a time and makes all of its passes
+  in a row. A channel of a ResNet activation (32 x 56 x 56 values: 400 KB in fp32) stays in the
+  core's L2 cache between them, so the second statistics pass of L1 and L2, the top-k search and
+  the normalize pass cost no memory traffic: forward reads x once and writes y once; backward reads
+  x and dy once and writes dx once.
+- columns (B = 1: channels_last, or (N, C) input): threads own slices of the rows and vectorize
+  over the channels; partial results per slice are combined, and every pass reads memory.
+
+Statistics accumulate in float32 within a row of B values and in float64 across rows (float64
+throughout for float64 input). bfloat16 travels as its int16 bits and is widened in registers
+(``x << 16``) and rounded to nearest-even on store, as torch rounds. Max and min use LLVM's
+``maxnum``/``minnum`` so that their reductions vectorize (numba's ``max`` does not).
+
+The top-k search keeps the k largest ``|x - mu|`` of a channel in a small array and only visits
+it when a value beats the smallest kept one (rare after the first few hundred values), so it
+runs at the speed of the scan. Ties go to the first position met; the maximum is top-1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+# reassociation lets LLVM vectorize the sums; no nnan/ninf: NaN and inf input stay visible
+_FASTMATH = {"reassoc", "contract", "nsz"}
+P_L2, P_L1, P_TOPK = 0, 1, 2
+SUPPORTED = (torch.float32, torch.float64, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- scalar helpers
+@intrinsic
+def _bf16_to_f32(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _f32_to_bf16(typingctx, value):
+    """Round to nearest even; NaN stays NaN (quiet)."""
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        u = builder.bitcast(args[0], i32)
+        lsb = builder.and_(builder.lshr(u, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        rounded = builder.lshr(builder.add(builder.add(u, ir.Constant(i32, 0x7FFF)), lsb), ir.Constant(i32, 16))
+        quiet_nan = builder.or_(builder.lshr(u, ir.Constant(i32, 16)), ir.Constant(i32, 0x40))
+        is_nan = builder.icmp_unsigned(">", builder.and_(u, ir.Constant(i32, 0x7FFFFFFF)), ir.Constant(i32, 0x7F800000))
+        return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
+
+    return types.int16(types.float32), codegen
+
+
+def _llvm_binary(name: str):
+    @intrinsic
+    def call(typingctx, a, b):
+        def codegen(context, builder, signature, args):
+            ty = args[0].type
+            suffix = ".f32" if ty == ir.FloatType() else ".f64"
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty, ty]), name + suffix)
+            # nnan lets the reduction vectorize; a NaN input already makes the channel's sum NaN
+            return builder.call(fn, args, fastmath=("nnan", "nsz", "reassoc"))
+
+        return a(a, a), codegen
+
+    return call
+
+
+_maxnum = _llvm_binary("llvm.maxnum")
+_minnum = _llvm_binary("llvm.minnum")
+
+
+def _load(arr, i, j, m):  # pragma: no cover - replaced by the overload inside numba
+    raise NotImplementedError
+
+
+def _store(arr, i, j, m, v):  # pragma: no cover
+    raise NotImplementedError
+
+
+def _cast(arr, v):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_load, inline="always")
+def _load_impl(arr, i, j, m):
+    if arr.dtype == types.int16:
+        return lambda arr, i, j, m: _bf16_to_f32(arr[i, j, m])
+    return lambda arr, i, j, m: arr[i, j, m]
+
+
+@overload(_store, inline="always")
+def _store_impl(arr, i, j, m, v):
+    if arr.dtype == types.int16:
+
+        def store_bf16(arr, i, j, m, v):
+            arr[i, j, m] = _f32_to_bf16(np.float32(v))
+
+        return store_bf16
+    if arr.dtype == types.float64:
+
+        def store_f64(arr, i, j, m, v):
+            arr[i, j, m] = np.float64(v)
+
+        return store_f64
+
+    def store_f32(arr, i, j, m, v):
+        arr[i, j, m] = np.float32(v)
+
+    return store_f32
+
+
+@overload(_cast, inline="always")
+def _cast_impl(arr, v):
+    """``v`` in the arithmetic type of ``arr``'s values: float64 for float64, float32 otherwise."""
+    if arr.dtype == types.float64:
+        return lambda arr, v: np.float64(v)
+    return lambda arr, v: np.float32(v)
+
+
+@njit(inline="always")
+def _keep_top(vals, where, d, at):
+    """Put deviation ``d`` at flat offset ``at`` in place of the smallest kept one; return the new
+    smallest kept value (the threshold a later value must beat)."""
+    low = 0
+    for i in range(1, vals.shape[0]):
+        if vals[i] < vals[low]:
+            low = i
+    vals[low] = d
+    where[low] = at
+    low_val = vals[0]
+    for i in range(1, vals.shape[0]):
+        low_val = min(low_val, vals[i])
+    return low_val
+
+
+_BLOCK = 64  # the top-k search skips a block of a row whose largest |x - mu| cannot enter
+
+
+@njit(inline="always")
+def _block_peak(x, a, c, b0, b1, mu_c):
+    peak = _cast(x, 0.0)
+    for b in range(b0, b1):
+        peak = _maxnum(peak, abs(_load(x, a, c, b) - mu_c))
+    return peak
+
+
+@njit(inline="always")
+def _search_rows(x, c, mu_c, vals, where):
+    """The k largest |x - mu| of channel c (rows layout) into ``vals``/``where`` (filled with -1):
+    ties to the first position met. A block is scanned value by value only when its peak beats the
+    smallest kept value; k = 1 stops at the first position of the maximum (``vals[0]``, given)."""
+    n_a, n_c, n_b = x.shape
+    k = vals.shape[0]
+    thr = vals[0] if k == 1 else -1.0
+    for a in range(n_a):
+        for b0 in range(0, n_b, _BLOCK):
+            b1 = min(b0 + _BLOCK, n_b)
+            if k == 1:
+                if _block_peak(x, a, c, b0, b1, mu_c) < thr:
+                    continue
+            elif _block_peak(x, a, c, b0, b1, mu_c) <= thr:
+                continue
+            for b in range(b0, b1):
+                d = abs(_load(x, a, c, b) - mu_c)
+                if k == 1:
+                    if d >= thr:
+                        where[0] = (a * n_c + c) * n_b + b
+                        return
+                elif d > thr:
+                    thr = _keep_top(vals, where, d, (a * n_c + c) * n_b + b)
+    if k == 1:  # NaN input: no value compares; any position of the channel
+        where[0] = c * n_b
+
+
+@njit(inline="always")
+def _scale_of(stat, p_code, const, eps):
+    return math.sqrt(stat + eps) if p_code == P_L2 else stat * const + eps
+
+
+# ----------------------------------------------------------------------------- rows (B > 1)
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _forward_rows(x, y, w, bias, p_code, k, const, eps, mean_out, stat_out, scale_out, pos_out):
+    n_a, n_c, n_b = x.shape
+    n = n_a * n_b
+    for c in prange(n_c):
+        total = 0.0
+        hi = -np.inf
+        lo = np.inf
+        for a in range(n_a):
+            row_sum = _cast(x, 0.0)
+            row_hi = _cast(x, -np.inf)
+            row_lo = _cast(x, np.inf)
+            for b in range(n_b):
+                v = _load(x, a, c, b)
+                row_sum += v
+                row_hi = _maxnum(row_hi, v)
+                row_lo = _minnum(row_lo, v)
+            total += row_sum
+            hi = max(hi, row_hi)
+            lo = min(lo, row_lo)
+        mu = total / n
+        mu_c = _cast(x, mu)
+        if p_code == P_TOPK:
+            vals = np.full(k, -1.0)
+            where = np.zeros(k, np.int64)
+            if k == 1:
+                vals[0] = max(_cast(x, hi) - mu_c, mu_c - _cast(x, lo))
+            _search_rows(x, c, mu_c, vals, where)
+            stat = vals.sum() / k
+            for i in range(k):
+                pos_out[c, i] = where[i]
+        else:
+            dev = 0.0
+            for a in range(n_a):
+                row = _cast(x, 0.0)
+                for b in range(n_b):
+                    u = _load(x, a, c, b) - mu_c
+                    row += u * u if p_code == P_L2 else abs(u)
+                dev += row
+            stat = dev / n
+        scale = _scale_of(stat, p_code, const, eps)
+        mul = w[c] / scale
+        add = bias[c] - mu * mul
+        mul_c = _cast(x, mul)
+        add_c = _cast(x, add)
+        for a in range(n_a):
+            for b in range(n_b):
+                _store(y, a, c, b, _load(x, a, c, b) * mul_c + add_c)
+        mean_out[c] = mu
+        stat_out[c] = stat
+        scale_out[c] = scale
+
+
+@njit(inline="always")
+def _sgn(x, u):
+    """torch.sign(u) in the arithmetic type of ``x``'s values."""
+    return _cast(x, u > 0) - _cast(x, u < 0)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _backward_rows(x, g, dx, w, mean, scale, p_code, const, pos, sum_g_out, sum_gx_out):
+    n_a, n_c, n_b = x.shape
+    n = n_a * n_b
+    for c in prange(n_c):
+        mu_c = _cast(x, mean[c])
+        sum_g = 0.0
+        sum_gu = 0.0
+        sum_sign = 0.0
+        for a in range(n_a):
+            r_g = _cast(x, 0.0)
+            r_gu = _cast(x, 0.0)
+            for b in range(n_b):
+                gv = _load(g, a, c, b)
+                r_g += gv
+                r_gu += gv * (_load(x, a, c, b) - mu_c)
+            sum_g += r_g
+            sum_gu += r_gu
+        sc = scale[c]
+        sum_gx = sum_gu / sc
+        mul = w[c] / sc
+        # dx = mul * (g - mean(g) - coef_u * u - coef_s * (sign(u) [at the top-k] - its mean))
+        k_g = _cast(x, mul)
+        if p_code == P_L2:
+            k_0 = _cast(x, -mul * sum_g / n)
+            k_u = _cast(x, -mul * sum_gx / (n * sc))
+            for a in range(n_a):
+                for b in range(n_b):
+                    _store(dx, a, c, b, _load(g, a, c, b) * k_g + k_0 + (_load(x, a, c, b) - mu_c) * k_u)
+        elif p_code == P_L1:
+            for a in range(n_a):
+                r_s = _cast(x, 0.0)
+                for b in range(n_b):
+                    r_s += _sgn(x, _load(x, a, c, b) - mu_c)
+                sum_sign += r_s
+            coef_s = const * sum_gx / n
+            k_0 = _cast(x, mul * (coef_s * sum_sign / n - sum_g / n))
+            k_s = _cast(x, -mul * coef_s)
+            for a in range(n_a):
+                for b in range(n_b):
+                    _store(dx, a, c, b, _load(g, a, c, b) * k_g + k_0 + _sgn(x, _load(x, a, c, b) - mu_c) * k_s)
+        else:
+            coef_s = const * sum_gx / pos.shape[1]
+            for i in range(pos.shape[1]):
+                at = pos[c, i]
+                sum_sign += _sgn(x, _load(x, at // (n_c * n_b), c, at % n_b) - mu_c)
+            k_0 = _cast(x, mul * (coef_s * sum_sign / n - sum_g / n))
+            for a in range(n_a):
+                for b in range(n_b):
+                    _store(dx, a, c, b, _load(g, a, c, b) * k_g + k_0)
+            k_s = _cast(x, -mul * coef_s)
+            for i in range(pos.shape[1]):
+                at = pos[c, i]
+                a, b = at // (n_c * n_b), at % n_b
+                _store(dx, a, c, b, _load(g, a, c, b) * k_g + k_0 + _sgn(x, _load(x, a, c, b) - mu_c) * k_s)
+        sum_g_out[c] = sum_g
+        sum_gx_out[c] = sum_gx
+
+
+# ----------------------------------------------------------------------------- columns (B = 1)
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _col_extrema(x, bounds, sums, his, los):
+    """Per slice t of rows [bounds[t], bounds[t+1]): the sum, max and min of every channel."""
+    n_c = x.shape[1]
+    for t in prange(bounds.shape[0] - 1):
+        for c in range(n_c):
+            sums[t, c] = 0.0
+            his[t, c] = -np.inf
+            los[t, c] = np.inf
+        for a in range(bounds[t], bounds[t + 1]):
+            for c in range(n_c):
+                v = _load(x, a, c, 0)
+                sums[t, c] += v
+                his[t, c] = _maxnum(his[t, c], v)
+                los[t, c] = _minnum(los[t, c], v)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _col_deviation(x, bounds, mean, p_code, out):
+    """Per slice: sum of (x - mu)^2 (L2) or |x - mu| (L1) of every channel."""
+    n_c = x.shape[1]
+    for t in prange(bounds.shape[0] - 1):
+        for c in range(n_c):
+            out[t, c] = 0.0
+        for a in range(bounds[t], bounds[t + 1]):
+            for c in range(n_c):
+                u = _load(x, a, c, 0) - mean[c]
+                out[t, c] += u * u if p_code == P_L2 else abs(u)
+
+
+@njit(parallel=True, cache=True)
+def _col_topk(x, bounds, mean, vals, where):
+    """Per slice and channel, the k largest |x - mu| and their flat offsets, into vals/where of
+    shape (slices, C, k) (initialized to -1 by the caller)."""
+    n_c = x.shape[1]
+    k = vals.shape[2]
+    for t in prange(bounds.shape[0] - 1):
+        thr = np.full(n_c, -1.0)
+        for a in range(bounds[t], bounds[t + 1]):
+            for c in range(n_c):
+                d = abs(_load(x, a, c, 0) - mean[c])
+                if d > thr[c]:
+                    thr[c] = _keep_top(vals[t, c], where[t, c], d, a * n_c + c)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _col_apply(x, y, bounds, mul, add):
+    n_c = x.shape[1]
+    for t in prange(bounds.shape[0] - 1):
+        for a in range(bounds[t], bounds[t + 1]):
+            for c in range(n_c):
+                _store(y, a, c, 0, _load(x, a, c, 0) * mul[c] + add[c])
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _col_backward_sums(x, g, bounds, mean, p_code, out):
+    """Per slice: sum(g), sum(g * u) and (L1) sum(sign(u)) of every channel, as out[t, 0..2, c]."""
+    n_c = x.shape[1]
+    for t in prange(bounds.shape[0] - 1):
+        for c in range(n_c):
+            out[t, 0, c] = 0.0
+            out[t, 1, c] = 0.0
+            out[t, 2, c] = 0.0
+        for a in range(bounds[t], bounds[t + 1]):
+            for c in range(n_c):
+                gv = _load(g, a, c, 0)
+                u = _load(x, a, c, 0) - mean[c]
+                out[t, 0, c] += gv
+                out[t, 1, c] += gv * u
+                if p_code == P_L1:
+                    out[t, 2, c] += _sgn(x, u)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _col_backward_apply(x, g, dx, bounds, mean, k_g, k_0, k_u, k_s):
+    n_c = x.shape[1]
+    for t in prange(bounds.shape[0] - 1):
+        for a in range(bounds[t], bounds[t + 1]):
+            for c in range(n_c):
+                u = _load(x, a, c, 0) - mean[c]
+                _store(dx, a, c, 0, _load(g, a, c, 0) * k_g[c] + k_0[c] + u * k_u[c] + _sgn(x, u) * k_s[c])
+
+
+# ----------------------------------------------------------------------------- torch entry points
+def available() -> bool:
+    """numba imported (this module did): the CPU kernels can run."""
+    return True
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether these kernels take this tensor (CPU, float32/float64/bfloat16)."""
+    return x.device.type == "cpu" and x.dtype in SUPPORTED
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor sharing its memory (bfloat16 as its int16 bits)."""
+    t = t.detach()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _acc(x3: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x3.dtype == torch.float64 else torch.float32
+
+
+def _p_code(p: float, k: int | None) -> int:
+    return P_TOPK if (k is not None or p == math.inf) else (P_L2 if p == 2 else P_L1)
+
+
+def _params(weight: torch.Tensor | None, bias: torch.Tensor | None, c: int) -> tuple[np.ndarray, np.ndarray]:
+    w = np.ones(c) if weight is None else weight.detach().double().numpy()
+    b = np.zeros(c) if bias is None else bias.detach().double().numpy()
+    return w, b
+
+
+def _slices(a_len: int) -> np.ndarray:
+    """Row bounds of the slices the columns kernels share among threads (a few per thread)."""
+    count = max(1, min(a_len, 4 * numba.get_num_threads()))
+    return np.linspace(0, a_len, count + 1).astype(np.int64)
+
+
+def _sync_threads() -> None:
+    """Use as many threads as torch does (``normbench profile --threads`` sets torch's)."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def forward(x3: torch.Tensor, weight, bias, p: float, k: int | None, const: float, eps: float):
+    """``(y3, mean, stat, scale, pos)``: output in x's dtype; per-channel mean, raw statistic and
+    dispersion D (float64); top-k / max positions as flat offsets (C, k), else None."""
+    _sync_threads()
+    a_len, c, b_len = x3.shape
+    p_code = _p_code(p, k)
+    kk = 1 if k is None else k
+    y3 = torch.empty_like(x3)
+    w, b = _params(weight, bias, c)
+    if b_len > 1:
+        mean, stat, scale = np.empty(c), np.empty(c), np.empty(c)
+        pos = np.zeros((c, kk), np.int64)
+        _forward_rows(_np(x3), _np(y3), w, b, p_code, kk, const, eps, mean, stat, scale, pos)
+        pos_t = torch.from_numpy(pos) if p_code == P_TOPK else None
+        return y3, torch.from_numpy(mean), torch.from_numpy(stat), torch.from_numpy(scale), pos_t
+    xn, bounds = _np(x3), _slices(a_len)
+    acc = np.float64 if x3.dtype == torch.float64 else np.float32
+    sums = np.empty((len(bounds) - 1, c), acc)
+    his, los = np.empty_like(sums), np.empty_like(sums)
+    _col_extrema(xn, bounds, sums, his, los)
+    mean = sums.astype(np.float64).sum(0) / a_len
+    pos_t = None
+    if p_code == P_TOPK:
+        vals = np.full((len(bounds) - 1, c, kk), -1.0)
+        where = np.zeros((len(bounds) - 1, c, kk), np.int64)
+        _col_topk(xn, bounds, mean.astype(acc), vals, where)
+        vals, where = vals.transpose(1, 0, 2).reshape(c, -1), where.transpose(1, 0, 2).reshape(c, -1)
+        # the k largest of the slices' candidates; ties to the earliest offset, as the rows kernel
+        order = np.lexsort((where, -vals), axis=1)[:, :kk]
+        stat = np.take_along_axis(vals, order, 1).mean(1)
+        pos_t = torch.from_numpy(np.ascontiguousarray(np.take_along_axis(where, order, 1)))
+    else:
+        dev = np.empty_like(sums)
+        _col_deviation(xn, bounds, mean.astype(acc), p_code, dev)
+        stat = dev.astype(np.float64).sum(0) / a_len
+    scale = np.sqrt(stat + eps) if p_code == P_L2 else stat * const + eps
+    mul = w / scale
+    _col_apply(xn, _np(y3), bounds, mul.astype(acc), (b - mean * mul).astype(acc))
+    return y3, torch.from_numpy(mean), torch.from_numpy(stat), torch.from_numpy(scale), pos_t
+
+
+def backward(x3, gy3, weight, mean, scale, p: float, k: int | None, const: float, pos):
+    """``(grad_x3, sum_g, sum_gx)``: the input gradient and per-channel ``sum(dy)`` and
+    ``sum(dy * xhat)`` (float64), the weight's and bias's gradients."""
+    _sync_threads()
+    a_len, c, b_len = x3.shape
+    n = a_len * b_len
+    p_code = _p_code(p, k)
+    dx3 = torch.empty_like(x3)
+    w, _ = _params(weight, None, c)
+    mean_n, scale_n = mean.double().numpy(), scale.double().numpy()
+    pos_n = np.zeros((c, 1), np.int64) if pos is None else pos.numpy()
+    if b_len > 1:
+        sum_g, sum_gx = np.empty(c), np.empty(c)
+        _backward_rows(_np(x3), _np(gy3), _np(dx3), w, mean_n, scale_n, p_code, const, pos_n, sum_g, sum_gx)
+        return dx3, torch.from_numpy(sum_g), torch.from_numpy(sum_gx)
+    xn, gn, bounds = _np(x3), _np(gy3), _slices(a_len)
+    acc = np.float64 if x3.dtype == torch.float64 else np.float32
+    sums = np.empty((len(bounds) - 1, 3, c), acc)
+    _col_backward_sums(xn, gn, bounds, mean_n.astype(acc), p_code, sums)
+    sum_g, sum_gu, sum_sign = sums.astype(np.float64).sum(0)
+    sum_gx = sum_gu / scale_n
+    mul = w / scale_n
+    coef_u = sum_gx / (n * scale_n) if p_code == P_L2 else np.zeros(c)
+    coef_s = np.zeros(c) if p_code == P_L2 else const * sum_gx / (n if p_code == P_L1 else pos_n.shape[1])
+    if p_code == P_TOPK:
+        pos_t = torch.from_numpy(pos_n)
+        signs = (x3.reshape(-1)[pos_t].to(_acc(x3)) - mean.to(_acc(x3))[:, None]).sign().double().numpy()
+        sum_sign = signs.sum(1)
+    k_0 = mul * (coef_s * sum_sign / n - sum_g / n)
+    k_s = -mul * coef_s if p_code == P_L1 else np.zeros(c)
+    _col_backward_apply(xn, gn, _np(dx3), bounds, mean_n.astype(acc), mul.astype(acc), k_0.astype(acc),
+                        (-mul * coef_u).astype(acc), k_s.astype(acc))
+    if p_code == P_TOPK:
+        g_top = gy3.reshape(-1)[pos_t].double().numpy()
+        top = g_top * mul[:, None] + k_0[:, None] - (mul * coef_s)[:, None] * signs
+        dx3.view(-1)[pos_t.reshape(-1)] = torch.from_numpy(top.reshape(-1)).to(dx3.dtype)
+    return dx3, torch.from_numpy(sum_g), torch.from_numpy(sum_gx)
