@@ -13,11 +13,13 @@ The formulation is shaped for memory traffic (docs/performance.md has the byte m
   together, then one elementwise pass; top-k and the maximum add the term of their k positions
   per channel by a scatter (the Triton kernels count tied maxima in the two passes instead).
 
-On the CPU each stage is compiled with ``torch.compile`` (once per shape, dtype and p; compile time
-stays out of the timed numbers of ``normbench profile``); on CUDA the Triton kernels of
-:mod:`normbench.kernels.triton_bn` run it. :func:`set_compile` turns compilation off (the same
-code runs eagerly: the tests check the formulation on every p and layout without paying compile
-time, and compile a few configurations).
+On the CPU the numba kernels of :mod:`normbench.kernels.numba_bn` run it (float32, float64 and
+bfloat16; one thread per channel, the channel kept in cache between passes); on CUDA the Triton
+kernels of :mod:`normbench.kernels.triton_bn`. Without numba, and for float16 on the CPU, the torch
+stages below run, each compiled with ``torch.compile`` (once per shape, dtype and p; compile time
+stays out of the timed numbers of ``normbench profile``). :func:`set_compile` turns compilation off
+(the same code runs eagerly: the tests check the formulation on every p and layout without paying
+compile time, and compile a few configurations); :func:`set_backend` picks the kernels.
 """
 
 from __future__ import annotations
@@ -66,9 +68,19 @@ def numba_available() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
+def preferred(x: torch.Tensor) -> bool:
+    """Whether ``impl="auto"`` batch-norm should take the fused path for this input: on CUDA when
+    triton imports; on the CPU when the numba kernels take it and it has spatial dimensions ((N, C)
+    input runs the columns kernels, which measured slower than ``analytic`` on small batches)."""
+    if x.is_cuda:
+        return triton_available()
+    return x.dim() > 2 and _numba_kernels(x) is not None
+
+
 def _numba_kernels(x: torch.Tensor):
-    """The numba kernel module when this tensor should run on it, else None."""
-    if _BACKEND not in ("auto", "numba") or x.is_cuda or not numba_available():
+    """The numba kernel module when this tensor should run on it, else None (also inside
+    torch.compile, which cannot trace numba: the compiled graph takes the torch stages)."""
+    if _BACKEND not in ("auto", "numba") or x.is_cuda or torch.compiler.is_compiling() or not numba_available():
         return None
     from normbench.kernels import numba_bn
 

@@ -89,6 +89,10 @@ def _load(arr, i, j, m):  # pragma: no cover - replaced by the overload inside n
     raise NotImplementedError
 
 
+def _load1(arr, i):  # pragma: no cover
+    raise NotImplementedError
+
+
 def _store(arr, i, j, m, v):  # pragma: no cover
     raise NotImplementedError
 
@@ -102,6 +106,13 @@ def _load_impl(arr, i, j, m):
     if arr.dtype == types.int16:
         return lambda arr, i, j, m: _bf16_to_f32(arr[i, j, m])
     return lambda arr, i, j, m: arr[i, j, m]
+
+
+@overload(_load1, inline="always")
+def _load1_impl(arr, i):
+    if arr.dtype == types.int16:
+        return lambda arr, i: _bf16_to_f32(arr[i])
+    return lambda arr, i: arr[i]
 
 
 @overload(_store, inline="always")
@@ -149,42 +160,70 @@ def _keep_top(vals, where, d, at):
     return low_val
 
 
-_BLOCK = 64  # the top-k search skips a block of a row whose largest |x - mu| cannot enter
+_BLOCK = 64  # top-k: the extent of the block extrema that bound where the k largest can be
 
 
 @njit(inline="always")
-def _block_peak(x, a, c, b0, b1, mu_c):
-    peak = _cast(x, 0.0)
-    for b in range(b0, b1):
-        peak = _maxnum(peak, abs(_load(x, a, c, b) - mu_c))
-    return peak
-
-
-@njit(inline="always")
-def _search_rows(x, c, mu_c, vals, where):
-    """The k largest |x - mu| of channel c (rows layout) into ``vals``/``where`` (filled with -1):
-    ties to the first position met. A block is scanned value by value only when its peak beats the
-    smallest kept value; k = 1 stops at the first position of the maximum (``vals[0]``, given)."""
+def _sum_and_block_extrema(x, c, block_hi, block_lo):
+    """Sum of channel c (rows layout), and the max and min of every block of ``_BLOCK`` values of
+    each row (a row's blocks are consecutive in ``block_hi``/``block_lo``)."""
     n_a, n_c, n_b = x.shape
-    k = vals.shape[0]
-    thr = vals[0] if k == 1 else -1.0
+    per_row = (n_b + _BLOCK - 1) // _BLOCK
+    total = 0.0
     for a in range(n_a):
-        for b0 in range(0, n_b, _BLOCK):
-            b1 = min(b0 + _BLOCK, n_b)
+        row = x[a, c]
+        row_sum = _cast(x, 0.0)
+        for j in range(per_row):
+            seg = row[j * _BLOCK:(j + 1) * _BLOCK]  # loops from 0 over a view: they vectorize
+            hi = _cast(x, -np.inf)
+            lo = _cast(x, np.inf)
+            for i in range(seg.shape[0]):
+                v = _load1(seg, i)
+                row_sum += v
+                hi = _maxnum(hi, v)
+                lo = _minnum(lo, v)
+            block_hi[a * per_row + j] = hi
+            block_lo[a * per_row + j] = lo
+        total += row_sum
+    return total
+
+
+@njit(inline="always")
+def _search_blocks(x, c, mu_c, block_hi, block_lo, vals, where):
+    """The k largest |x - mu| of channel c (rows layout) and their flat offsets into ``vals`` and
+    ``where`` (``vals`` filled with -1). A block's largest deviation is ``max(hi - mu, mu - lo)``:
+    only blocks where that reaches the k-th largest such bound are searched, in order, value by
+    value; ties go to the first position met. k = 1 is the maximum: the first block that reaches it."""
+    n_a, n_c, n_b = x.shape
+    per_row = (n_b + _BLOCK - 1) // _BLOCK
+    k = vals.shape[0]
+    # the k-th largest block bound: each bound is some value's deviation, so no value below it
+    # is among the k largest, and blocks whose bound is below it need no search
+    bounds = np.full(k, -1.0)
+    slots = np.zeros(k, np.int64)
+    low = -1.0
+    for j in range(block_hi.shape[0]):
+        bound = max(_cast(x, block_hi[j]) - mu_c, mu_c - _cast(x, block_lo[j]))
+        if bound > low:
+            low = _keep_top(bounds, slots, bound, j)
+    if k == 1:
+        vals[0] = low
+    thr = -1.0
+    for j in range(block_hi.shape[0]):
+        bound = max(_cast(x, block_hi[j]) - mu_c, mu_c - _cast(x, block_lo[j]))
+        if bound < low or (k > 1 and bound <= thr):
+            continue
+        a, b0 = j // per_row, (j % per_row) * _BLOCK
+        seg = x[a, c, b0:b0 + _BLOCK]
+        for i in range(seg.shape[0]):
+            d = abs(_load1(seg, i) - mu_c)
             if k == 1:
-                if _block_peak(x, a, c, b0, b1, mu_c) < thr:
-                    continue
-            elif _block_peak(x, a, c, b0, b1, mu_c) <= thr:
-                continue
-            for b in range(b0, b1):
-                d = abs(_load(x, a, c, b) - mu_c)
-                if k == 1:
-                    if d >= thr:
-                        where[0] = (a * n_c + c) * n_b + b
-                        return
-                elif d > thr:
-                    thr = _keep_top(vals, where, d, (a * n_c + c) * n_b + b)
-    if k == 1:  # NaN input: no value compares; any position of the channel
+                if d >= vals[0]:
+                    where[0] = (a * n_c + c) * n_b + b0 + i
+                    return
+            elif d > thr and d >= low:
+                thr = _keep_top(vals, where, d, (a * n_c + c) * n_b + b0 + i)
+    if k == 1:  # NaN input: nothing compares; any position of the channel
         where[0] = c * n_b
 
 
@@ -198,34 +237,27 @@ def _scale_of(stat, p_code, const, eps):
 def _forward_rows(x, y, w, bias, p_code, k, const, eps, mean_out, stat_out, scale_out, pos_out):
     n_a, n_c, n_b = x.shape
     n = n_a * n_b
+    per_row = (n_b + _BLOCK - 1) // _BLOCK
     for c in prange(n_c):
-        total = 0.0
-        hi = -np.inf
-        lo = np.inf
-        for a in range(n_a):
-            row_sum = _cast(x, 0.0)
-            row_hi = _cast(x, -np.inf)
-            row_lo = _cast(x, np.inf)
-            for b in range(n_b):
-                v = _load(x, a, c, b)
-                row_sum += v
-                row_hi = _maxnum(row_hi, v)
-                row_lo = _minnum(row_lo, v)
-            total += row_sum
-            hi = max(hi, row_hi)
-            lo = min(lo, row_lo)
-        mu = total / n
-        mu_c = _cast(x, mu)
         if p_code == P_TOPK:
+            block_hi = np.empty(n_a * per_row, np.float64)
+            block_lo = np.empty(n_a * per_row, np.float64)
+            mu = _sum_and_block_extrema(x, c, block_hi, block_lo) / n
             vals = np.full(k, -1.0)
             where = np.zeros(k, np.int64)
-            if k == 1:
-                vals[0] = max(_cast(x, hi) - mu_c, mu_c - _cast(x, lo))
-            _search_rows(x, c, mu_c, vals, where)
+            _search_blocks(x, c, _cast(x, mu), block_hi, block_lo, vals, where)
             stat = vals.sum() / k
             for i in range(k):
                 pos_out[c, i] = where[i]
         else:
+            total = 0.0
+            for a in range(n_a):
+                row_sum = _cast(x, 0.0)
+                for b in range(n_b):
+                    row_sum += _load(x, a, c, b)
+                total += row_sum
+            mu = total / n
+            mu_c = _cast(x, mu)
             dev = 0.0
             for a in range(n_a):
                 row = _cast(x, 0.0)
@@ -236,12 +268,12 @@ def _forward_rows(x, y, w, bias, p_code, k, const, eps, mean_out, stat_out, scal
             stat = dev / n
         scale = _scale_of(stat, p_code, const, eps)
         mul = w[c] / scale
-        add = bias[c] - mu * mul
+        mu_c = _cast(x, mu)
         mul_c = _cast(x, mul)
-        add_c = _cast(x, add)
+        add_c = _cast(x, bias[c])  # (x - mu) * mul + bias: no cancellation when |mu| >> D
         for a in range(n_a):
             for b in range(n_b):
-                _store(y, a, c, b, _load(x, a, c, b) * mul_c + add_c)
+                _store(y, a, c, b, (_load(x, a, c, b) - mu_c) * mul_c + add_c)
         mean_out[c] = mu
         stat_out[c] = stat
         scale_out[c] = scale
@@ -265,12 +297,22 @@ def _backward_rows(x, g, dx, w, mean, scale, p_code, const, pos, sum_g_out, sum_
         for a in range(n_a):
             r_g = _cast(x, 0.0)
             r_gu = _cast(x, 0.0)
-            for b in range(n_b):
-                gv = _load(g, a, c, b)
-                r_g += gv
-                r_gu += gv * (_load(x, a, c, b) - mu_c)
+            r_s = 0
+            if p_code == P_L1:
+                for b in range(n_b):
+                    gv = _load(g, a, c, b)
+                    u = _load(x, a, c, b) - mu_c
+                    r_g += gv
+                    r_gu += gv * u
+                    r_s += np.int32(u > 0) - np.int32(u < 0)
+            else:
+                for b in range(n_b):
+                    gv = _load(g, a, c, b)
+                    r_g += gv
+                    r_gu += gv * (_load(x, a, c, b) - mu_c)
             sum_g += r_g
             sum_gu += r_gu
+            sum_sign += r_s
         sc = scale[c]
         sum_gx = sum_gu / sc
         mul = w[c] / sc
@@ -283,17 +325,14 @@ def _backward_rows(x, g, dx, w, mean, scale, p_code, const, pos, sum_g_out, sum_
                 for b in range(n_b):
                     _store(dx, a, c, b, _load(g, a, c, b) * k_g + k_0 + (_load(x, a, c, b) - mu_c) * k_u)
         elif p_code == P_L1:
-            for a in range(n_a):
-                r_s = _cast(x, 0.0)
-                for b in range(n_b):
-                    r_s += _sgn(x, _load(x, a, c, b) - mu_c)
-                sum_sign += r_s
             coef_s = const * sum_gx / n
             k_0 = _cast(x, mul * (coef_s * sum_sign / n - sum_g / n))
             k_s = _cast(x, -mul * coef_s)
             for a in range(n_a):
                 for b in range(n_b):
-                    _store(dx, a, c, b, _load(g, a, c, b) * k_g + k_0 + _sgn(x, _load(x, a, c, b) - mu_c) * k_s)
+                    u = _load(x, a, c, b) - mu_c
+                    sign = np.int32(u > 0) - np.int32(u < 0)
+                    _store(dx, a, c, b, _load(g, a, c, b) * k_g + k_0 + _cast(x, sign) * k_s)
         else:
             coef_s = const * sum_gx / pos.shape[1]
             for i in range(pos.shape[1]):
@@ -359,12 +398,12 @@ def _col_topk(x, bounds, mean, vals, where):
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _col_apply(x, y, bounds, mul, add):
+def _col_apply(x, y, bounds, mean, mul, add):
     n_c = x.shape[1]
     for t in prange(bounds.shape[0] - 1):
         for a in range(bounds[t], bounds[t + 1]):
             for c in range(n_c):
-                _store(y, a, c, 0, _load(x, a, c, 0) * mul[c] + add[c])
+                _store(y, a, c, 0, (_load(x, a, c, 0) - mean[c]) * mul[c] + add[c])
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -397,11 +436,6 @@ def _col_backward_apply(x, g, dx, bounds, mean, k_g, k_0, k_u, k_s):
 
 
 # ----------------------------------------------------------------------------- torch entry points
-def available() -> bool:
-    """numba imported (this module did): the CPU kernels can run."""
-    return True
-
-
 def supports(x: torch.Tensor) -> bool:
     """Whether these kernels take this tensor (CPU, float32/float64/bfloat16)."""
     return x.device.type == "cpu" and x.dtype in SUPPORTED
@@ -435,7 +469,9 @@ def _slices(a_len: int) -> np.ndarray:
 
 def _sync_threads() -> None:
     """Use as many threads as torch does (``normbench profile --threads`` sets torch's)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != want:
+        numba.set_num_threads(want)
 
 
 def forward(x3: torch.Tensor, weight, bias, p: float, k: int | None, const: float, eps: float):
@@ -475,7 +511,7 @@ def forward(x3: torch.Tensor, weight, bias, p: float, k: int | None, const: floa
         stat = dev.astype(np.float64).sum(0) / a_len
     scale = np.sqrt(stat + eps) if p_code == P_L2 else stat * const + eps
     mul = w / scale
-    _col_apply(xn, _np(y3), bounds, mul.astype(acc), (b - mean * mul).astype(acc))
+    _col_apply(xn, _np(y3), bounds, mean.astype(acc), mul.astype(acc), b.astype(acc))
     return y3, torch.from_numpy(mean), torch.from_numpy(stat), torch.from_numpy(scale), pos_t
 
 

@@ -4,9 +4,10 @@ L-inf or top-k dispersion. The formulas are in docs/norms.md and :mod:`normbench
 Every function takes ``impl``: ``"eager"`` runs the plain formula under autograd (the reference),
 ``"analytic"`` the custom autograd Function with an analytic backward that keeps only the input and
 per-row statistics, ``"fused"`` (batch-norm) the pass-minimal formulation of
-:mod:`normbench.kernels.fused` (Triton on CUDA, torch.compile on the CPU); ``"auto"`` (default) is
-``fused`` for batch-norm on CUDA and ``analytic`` otherwise: on the CPU ``fused`` compiles each new
-shape (seconds) before it runs faster, so it is opt-in there.
+:mod:`normbench.kernels.fused` (Triton on CUDA, numba kernels on the CPU); ``"auto"`` (default) is
+``fused`` for batch-norm where those kernels take the input (:func:`~normbench.kernels.fused.preferred`:
+CUDA with triton; on the CPU, numba installed, float32/float64/bfloat16, with spatial dimensions)
+and ``analytic`` otherwise.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from normbench.kernels.analytic import LpNormFunction
-from normbench.kernels.fused import FusedLpBatchNorm, triton_available
+from normbench.kernels.fused import FusedLpBatchNorm, preferred
 from normbench.kernels.constants import C1, dispersion_constant, paper_linf_constant, topk_constant
 from normbench.kernels.reference import (
     affine,
@@ -119,7 +120,7 @@ def lp_batch_norm(
             f"batch-norm in training needs more than 1 value per channel, got input shape {tuple(input.shape)}"
         )
     if impl == "auto":
-        impl = "fused" if input.is_cuda and triton_available() else "analytic"
+        impl = "fused" if preferred(input) else "analytic"
     if impl == "fused":
         p, k = check_pk(p, k)
         if k is not None and k > n:

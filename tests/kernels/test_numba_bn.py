@@ -1,0 +1,108 @@
+"""The numba CPU kernels' own contracts: bfloat16 rounding, the top-k search, odd inputs, threads.
+(Their results against the fp64 oracle, every p, k and layout, are in test_fused.py.)"""
+
+import math
+
+import pytest
+import torch
+
+from normbench.kernels import fused
+
+numba_bn = pytest.importorskip("normbench.kernels.numba_bn", reason="numba is not installed (pip install -e .)")
+
+
+def test_bf16_store_rounds_as_torch_does():
+    from numba import njit
+
+    @njit
+    def to_bits(values, out):
+        for i in range(values.shape[0]):
+            out[i] = numba_bn._f32_to_bf16(values[i])
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([
+        torch.randn(10_000, generator=g) * 10.0 ** torch.randint(-30, 30, (10_000,), generator=g),
+        # exact halfway cases both ways, the largest finite values, infinities and NaN
+        torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.3895e38, -3.3895e38]),
+        torch.tensor([math.inf, -math.inf, math.nan, 0.0, -0.0]),
+    ]).float()
+    out = torch.empty(len(values), dtype=torch.int16)
+    to_bits(values.numpy(), out.numpy())
+    got, want = out.view(torch.bfloat16), values.to(torch.bfloat16)
+    same = (got == want) | (got.isnan() & want.isnan())
+    assert bool(same.all()), values[~same][:5]
+    assert torch.equal(got.view(torch.int16)[-1:] , want.view(torch.int16)[-1:]), "-0.0 keeps its sign"
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("k", [None, 3, 40])
+def test_topk_search_finds_the_largest_deviations_with_ties(fmt, k):
+    # bf16's coarse grid makes many deviations equal: the kept values must still be the k largest
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(8, 3, 20, 13, generator=g) * 3).to(torch.bfloat16).contiguous(memory_format=fmt)
+    x3 = fused.canonical(x)
+    kk = 1 if k is None else k
+    _, mean, stat, _, pos = numba_bn.forward(x3, None, None, math.inf, k, 1.0, 1e-5)
+    dev = (x3.float() - mean.float()[None, :, None]).abs().transpose(0, 1).reshape(3, -1)
+    want = dev.topk(kk, dim=1).values
+    assert pos.shape == (3, kk)
+    for c in range(3):
+        at = pos[c]
+        assert len(set(at.tolist())) == kk, "k distinct positions"
+        kept = (x3.reshape(-1)[at].float() - mean[c].float()).abs()
+        torch.testing.assert_close(kept.sort(descending=True).values, want[c], rtol=0, atol=0)
+        torch.testing.assert_close(stat[c].float(), want[c].mean(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("p,k", [(2.0, None), (1.0, None), (math.inf, None), (math.inf, 4)])
+def test_constant_channel_gives_bias_and_finite_gradients(fmt, p, k):
+    x = torch.randn(4, 2, 5, 5).contiguous(memory_format=fmt)
+    x[:, 1] = 0.75
+    x.requires_grad_()
+    w, b = torch.tensor([1.5, 2.0], requires_grad=True), torch.tensor([0.1, -0.3], requires_grad=True)
+    fused.set_backend("numba")
+    try:
+        y = fused.FusedLpBatchNorm.apply(x, w, b, p, k, 1e-5)[0]
+        gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.randn_like(y))
+    finally:
+        fused.set_backend("auto")
+    torch.testing.assert_close(y[:, 1], torch.full_like(y[:, 1], -0.3))
+    assert bool(torch.isfinite(gx).all() and torch.isfinite(gw).all() and torch.isfinite(gb).all())
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("k", [None, 3])
+def test_nan_input_gives_nan_output_and_valid_positions(fmt, k):
+    x = torch.randn(4, 2, 6, 6).contiguous(memory_format=fmt)
+    x[1, 0, 2, 3] = math.nan
+    x3 = fused.canonical(x)
+    y3, mean, stat, scale, pos = numba_bn.forward(x3, None, None, math.inf, k, 1.0, 1e-5)
+    assert bool(y3[:, 0].isnan().all()) and bool(torch.isfinite(y3[:, 1]).all())
+    assert bool(((pos >= 0) & (pos < x.numel())).all())
+    gx3, *_ = numba_bn.backward(x3, torch.randn_like(x3), None, mean, scale, math.inf, k, 1.0, pos)
+    assert bool(torch.isfinite(gx3[:, 1]).all())
+
+
+def test_threads_follow_torch():
+    import numba
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        numba_bn.forward(torch.randn(4, 2, 9), None, None, 2.0, None, 1.0, 1e-5)
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_auto_takes_the_kernels_for_spatial_cpu_input():
+    assert fused.preferred(torch.randn(2, 3, 4, 4))
+    assert fused.preferred(torch.randn(2, 3, 4, 4, dtype=torch.bfloat16))
+    assert not fused.preferred(torch.randn(8, 3)), "(N, C) input stays on analytic"
+    assert not fused.preferred(torch.randn(2, 3, 4, 4, dtype=torch.float16)), "numba has no float16"
+    fused.set_backend("torch")
+    try:
+        assert not fused.preferred(torch.randn(2, 3, 4, 4))
+    finally:
+        fused.set_backend("auto")
