@@ -387,7 +387,6 @@ def _col_topk(x, bounds, mean, vals, where):
     """Per slice and channel, the k largest |x - mu| and their flat offsets, into vals/where of
     shape (slices, C, k) (initialized to -1 by the caller)."""
     n_c = x.shape[1]
-    k = vals.shape[2]
     for t in prange(bounds.shape[0] - 1):
         thr = np.full(n_c, -1.0)
         for a in range(bounds[t], bounds[t + 1]):
