@@ -42,13 +42,6 @@ def eager_torch_stages():
 
 
 @pytest.fixture
-def numba_kernels():
-    fused.set_backend("numba")
-    yield
-    fused.set_backend("auto")
-
-
-@pytest.fixture
 def triton_interpreted(monkeypatch):
     from normbench.kernels import triton_bn
 
@@ -58,6 +51,22 @@ def triton_interpreted(monkeypatch):
     fused.set_backend("triton")
     yield
     fused.set_compile(True)
+    fused.set_backend("auto")
+
+
+@pytest.fixture(params=["numba", "triton"])
+def kernels(request):
+    """Each kernel backend in turn (Triton under the interpreter); skipped when not installed."""
+    if request.param == "numba" and not fused.numba_available():
+        pytest.skip("numba is not installed (pip install -e .)")
+    if request.param == "triton":
+        if not HAS_TRITON:
+            pytest.skip("triton is not installed (pip install -e '.[test]' on Linux x86_64)")
+        request.getfixturevalue("triton_interpreted")
+        yield
+        return
+    fused.set_backend("numba")
+    yield
     fused.set_backend("auto")
 
 
@@ -136,44 +145,31 @@ def test_module_switch_and_running_statistics(eager_torch_stages):
     torch.testing.assert_close(ours.running_var, ref.running_var)
 
 
-@needs_numba
 @pytest.mark.parametrize("shape,fmt", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("p,k", PK, ids=PK_IDS)
-def test_numba_kernels_fp64(numba_kernels, shape, fmt, p, k):
+def test_kernels_fp64(kernels, shape, fmt, p, k):
     _check_against_oracle(shape, fmt, p, k, torch.float64, 1e-9)
 
 
-@needs_numba
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("p,k", PK, ids=PK_IDS)
-def test_numba_kernels_low_precision(numba_kernels, dtype, tol, p, k):
-    # float16 is not one of numba's: it takes the torch stages
-    for shape, fmt in (LAYOUTS[1], LAYOUTS[8], LAYOUTS[9]):
-        _check_against_oracle(shape, fmt, p, k, dtype, tol)
-
-
-@needs_numba
-@pytest.mark.parametrize("p,k", PK, ids=PK_IDS)
-def test_numba_gradcheck(numba_kernels, p, k):
-    for shape, fmt in ((4, 3, 3, 2), torch.contiguous_format), ((4, 3, 3, 2), torch.channels_last):
-        x, w, b, _ = _data(shape, fmt)
-        args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
-        assert torch.autograd.gradcheck(lambda x, w, b: fused.FusedLpBatchNorm.apply(x, w, b, p, k, 1e-5)[0], args)
-
-
-@needs_triton
-@pytest.mark.parametrize("shape,fmt", LAYOUTS, ids=LAYOUT_IDS)
-@pytest.mark.parametrize("p,k", PK, ids=PK_IDS)
-def test_triton_kernels_fp64(triton_interpreted, shape, fmt, p, k):
-    _check_against_oracle(shape, fmt, p, k, torch.float64, 1e-9)
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
-@pytest.mark.parametrize("p,k", PK, ids=PK_IDS)
-def test_triton_kernels_low_precision(triton_interpreted, dtype, tol, p, k):
+def test_kernels_low_precision(kernels, dtype, tol, p, k):
+    # float16 is not one of numba's: there it takes the torch stages
     for shape, fmt in (LAYOUTS[6], LAYOUTS[8], LAYOUTS[9]):
         _check_against_oracle(shape, fmt, p, k, dtype, tol)
+
+
+@needs_numba
+@pytest.mark.parametrize("p,k", PK, ids=PK_IDS)
+def test_numba_gradcheck(p, k):
+    fused.set_backend("numba")
+    try:
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x, w, b, _ = _data((4, 3, 3, 2), fmt)
+            args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
+            assert torch.autograd.gradcheck(lambda x, w, b: fused.FusedLpBatchNorm.apply(x, w, b, p, k, 1e-5)[0], args)
+    finally:
+        fused.set_backend("auto")
 
 
 @needs_triton
