@@ -353,20 +353,15 @@ def _backward_rows(x, g, dx, w, mean, scale, p_code, const, pos, sum_g_out, sum_
 
 # ----------------------------------------------------------------------------- columns (B = 1)
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _col_extrema(x, bounds, sums, his, los):
-    """Per slice t of rows [bounds[t], bounds[t+1]): the sum, max and min of every channel."""
+def _col_sums(x, bounds, sums):
+    """Per slice t of rows [bounds[t], bounds[t+1]): the sum of every channel."""
     n_c = x.shape[1]
     for t in prange(bounds.shape[0] - 1):
         for c in range(n_c):
             sums[t, c] = 0.0
-            his[t, c] = -np.inf
-            los[t, c] = np.inf
         for a in range(bounds[t], bounds[t + 1]):
             for c in range(n_c):
-                v = _load(x, a, c, 0)
-                sums[t, c] += v
-                his[t, c] = _maxnum(his[t, c], v)
-                los[t, c] = _minnum(los[t, c], v)
+                sums[t, c] += _load(x, a, c, 0)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -491,8 +486,7 @@ def forward(x3: torch.Tensor, weight, bias, p: float, k: int | None, const: floa
     xn, bounds = _np(x3), _slices(a_len)
     acc = np.float64 if x3.dtype == torch.float64 else np.float32
     sums = np.empty((len(bounds) - 1, c), acc)
-    his, los = np.empty_like(sums), np.empty_like(sums)
-    _col_extrema(xn, bounds, sums, his, los)
+    _col_sums(xn, bounds, sums)
     mean = sums.astype(np.float64).sum(0) / a_len
     pos_t = None
     if p_code == P_TOPK:
