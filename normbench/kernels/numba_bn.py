@@ -60,7 +60,7 @@ def _f32_to_bf16(typingctx, value):
         lsb = builder.and_(builder.lshr(u, ir.Constant(i32, 16)), ir.Constant(i32, 1))
         rounded = builder.lshr(builder.add(builder.add(u, ir.Constant(i32, 0x7FFF)), lsb), ir.Constant(i32, 16))
         quiet_nan = builder.or_(builder.lshr(u, ir.Constant(i32, 16)), ir.Constant(i32, 0x40))
-        is_nan = builder.icmp_unsigned(">", builder.and_(u, ir.Constant(i32, 0x7FFFFFFF)), ir.Constant(i32, 0x7F800000))
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
         return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
 
     return types.int16(types.float32), codegen
@@ -146,11 +146,13 @@ def _cast_impl(arr, v):
 
 @njit(inline="always")
 def _keep_top(vals, where, d, at):
-    """Put deviation ``d`` at flat offset ``at`` in place of the smallest kept one; return the new
-    smallest kept value (the threshold a later value must beat)."""
+    """Put deviation ``d`` at flat offset ``at`` in place of the smallest kept one (of tied smallest,
+    the one at the largest offset: callers visit offsets in increasing order, so the kept set is
+    the k largest with ties to the first positions); return the new smallest kept value (the
+    threshold a later value must beat)."""
     low = 0
     for i in range(1, vals.shape[0]):
-        if vals[i] < vals[low]:
+        if vals[i] < vals[low] or (vals[i] == vals[low] and where[i] > where[low]):
             low = i
     vals[low] = d
     where[low] = at
@@ -160,7 +162,8 @@ def _keep_top(vals, where, d, at):
     return low_val
 
 
-_BLOCK = 64  # top-k: the extent of the block extrema that bound where the k largest can be
+_CHUNK = 16  # top-k search: values whose maximum is taken before a value-by-value look
+_BLOCK = 256  # top-k: the extent of the block extrema that bound where the k largest can be
 
 
 @njit(inline="always")
@@ -192,8 +195,9 @@ def _sum_and_block_extrema(x, c, block_hi, block_lo):
 def _search_blocks(x, c, mu_c, block_hi, block_lo, vals, where):
     """The k largest |x - mu| of channel c (rows layout) and their flat offsets into ``vals`` and
     ``where`` (``vals`` filled with -1). A block's largest deviation is ``max(hi - mu, mu - lo)``:
-    only blocks where that reaches the k-th largest such bound are searched, in order, value by
-    value; ties go to the first position met. k = 1 is the maximum: the first block that reaches it."""
+    only blocks where that reaches the k-th largest such bound are searched, in memory order, and
+    within them value by value only the chunks of ``_CHUNK`` values whose maximum reaches it. Ties
+    go to the first positions. k = 1 is the maximum: the first value that reaches it."""
     n_a, n_c, n_b = x.shape
     per_row = (n_b + _BLOCK - 1) // _BLOCK
     k = vals.shape[0]
@@ -215,14 +219,22 @@ def _search_blocks(x, c, mu_c, block_hi, block_lo, vals, where):
             continue
         a, b0 = j // per_row, (j % per_row) * _BLOCK
         seg = x[a, c, b0:b0 + _BLOCK]
-        for i in range(seg.shape[0]):
-            d = abs(_load1(seg, i) - mu_c)
-            if k == 1:
-                if d >= vals[0]:
-                    where[0] = (a * n_c + c) * n_b + b0 + i
-                    return
-            elif d > thr and d >= low:
-                thr = _keep_top(vals, where, d, (a * n_c + c) * n_b + b0 + i)
+        for q in range(0, seg.shape[0], _CHUNK):
+            chunk = seg[q:q + _CHUNK]
+            m = _cast(x, -1.0)
+            for i in range(chunk.shape[0]):
+                m = _maxnum(m, abs(_load1(chunk, i) - mu_c))
+            if m < low or (k > 1 and m <= thr):
+                continue
+            at0 = (a * n_c + c) * n_b + b0 + q
+            for i in range(chunk.shape[0]):
+                d = abs(_load1(chunk, i) - mu_c)
+                if k == 1:
+                    if d >= vals[0]:
+                        where[0] = at0 + i
+                        return
+                elif d > thr and d >= low:
+                    thr = _keep_top(vals, where, d, at0 + i)
     if k == 1:  # NaN input: nothing compares; any position of the channel
         where[0] = c * n_b
 
@@ -290,6 +302,7 @@ def _backward_rows(x, g, dx, w, mean, scale, p_code, const, pos, sum_g_out, sum_
     n_a, n_c, n_b = x.shape
     n = n_a * n_b
     for c in prange(n_c):
+        signs = np.empty(n_a * n_b if p_code == P_L1 else 0, np.int8)
         mu_c = _cast(x, mean[c])
         sum_g = 0.0
         sum_gu = 0.0
@@ -299,12 +312,15 @@ def _backward_rows(x, g, dx, w, mean, scale, p_code, const, pos, sum_g_out, sum_
             r_gu = _cast(x, 0.0)
             r_s = 0
             if p_code == P_L1:
+                row_s = signs[a * n_b:(a + 1) * n_b]
                 for b in range(n_b):
                     gv = _load(g, a, c, b)
                     u = _load(x, a, c, b) - mu_c
                     r_g += gv
                     r_gu += gv * u
-                    r_s += np.int32(u > 0) - np.int32(u < 0)
+                    s = np.int8(u > 0) - np.int8(u < 0)
+                    row_s[b] = s
+                    r_s += np.int32(s)
             else:
                 for b in range(n_b):
                     gv = _load(g, a, c, b)
@@ -329,10 +345,9 @@ def _backward_rows(x, g, dx, w, mean, scale, p_code, const, pos, sum_g_out, sum_
             k_0 = _cast(x, mul * (coef_s * sum_sign / n - sum_g / n))
             k_s = _cast(x, -mul * coef_s)
             for a in range(n_a):
+                row_s = signs[a * n_b:(a + 1) * n_b]
                 for b in range(n_b):
-                    u = _load(x, a, c, b) - mu_c
-                    sign = np.int32(u > 0) - np.int32(u < 0)
-                    _store(dx, a, c, b, _load(g, a, c, b) * k_g + k_0 + _cast(x, sign) * k_s)
+                    _store(dx, a, c, b, _load(g, a, c, b) * k_g + k_0 + _cast(x, row_s[b]) * k_s)
         else:
             coef_s = const * sum_gx / pos.shape[1]
             for i in range(pos.shape[1]):

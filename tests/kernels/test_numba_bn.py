@@ -40,15 +40,20 @@ def test_topk_search_finds_the_largest_deviations_with_ties(fmt, k):
     # bf16's coarse grid makes many deviations equal: the kept values must still be the k largest
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(8, 3, 20, 13, generator=g) * 3).to(torch.bfloat16).contiguous(memory_format=fmt)
+    x[:4] = torch.randint(-4, 5, (4, 3, 20, 13), generator=g).to(x.dtype)  # ties by the hundred
     x3 = fused.canonical(x)
     kk = 1 if k is None else k
     _, mean, stat, _, pos = numba_bn.forward(x3, None, None, math.inf, k, 1.0, 1e-5)
     dev = (x3.float() - mean.float()[None, :, None]).abs().transpose(0, 1).reshape(3, -1)
     want = dev.topk(kk, dim=1).values
+    # flat offsets of each channel's values in the same order, and the first kk of a stable sort
+    offsets = torch.arange(x3.numel()).view(x3.shape).transpose(0, 1).reshape(3, -1)
+    first = offsets.gather(1, dev.sort(dim=1, descending=True, stable=True).indices[:, :kk])
     assert pos.shape == (3, kk)
     for c in range(3):
         at = pos[c]
         assert len(set(at.tolist())) == kk, "k distinct positions"
+        assert set(at.tolist()) == set(first[c].tolist()), "ties go to the first positions"
         kept = (x3.reshape(-1)[at].float() - mean[c].float()).abs()
         torch.testing.assert_close(kept.sort(descending=True).values, want[c], rtol=0, atol=0)
         torch.testing.assert_close(stat[c].float(), want[c].mean(), rtol=1e-6, atol=0)
