@@ -209,9 +209,11 @@ def run(
     label)`` is called before each cell and at the end. ``timer`` and ``peak_gbps`` replace the
     device's timer and the copy-bandwidth measurement (tests inject a fake clock through them).
     ``spec.threads`` sets torch's CPU threads for the run (restored afterwards); every record
-    carries the thread count it ran with.
+    carries the thread count it ran with. On the CPU, ``spec.malloc == "steady"`` first puts the
+    process's allocator in a steady state (:func:`prepare_allocator`).
     """
     device = resolve_device(spec.device)
+    prepare_allocator(spec, device)
     threads_before = torch.get_num_threads()
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
@@ -219,6 +221,19 @@ def run(
         return _run_cells(spec, device, on_record, skip, previous, on_progress, timer, peak_gbps)
     finally:
         torch.set_num_threads(threads_before)
+
+
+def prepare_allocator(spec: ProfileSpec, device: str) -> str | None:
+    """For a CPU run with ``spec.malloc == "steady"``, keep freed memory mapped so that no timed
+    call pays page faults that depend on earlier allocations (see :mod:`normbench.bench.allocator`);
+    return the allocator's state for the results' environment (None on CUDA)."""
+    if torch.device(device).type != "cpu":
+        return None
+    if spec.malloc == "steady":
+        from normbench.bench.allocator import steady_cpu_malloc
+
+        return steady_cpu_malloc()
+    return "system"
 
 
 def _run_cells(

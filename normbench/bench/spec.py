@@ -26,6 +26,7 @@ from normbench.axes import (
     parse_shapes,
     split_list,
 )
+from normbench.bench.allocator import MODES as MALLOC_MODES
 from normbench.bench.bytes import MODES, PASSES
 from normbench.bench.impls import IMPLS, torch_reference
 from normbench.bench.timing import TimingSpec
@@ -158,6 +159,7 @@ class ProfileSpec:
     timing: TimingSpec = field(default=DEFAULT_TIMING)
     measure_memory: bool = True  # peak_memory_bytes (on the CPU a profiled call: ~0.1 s per cell)
     threads: int | None = None  # CPU threads for torch during the run; None keeps torch's setting
+    malloc: str = "steady"  # CPU runs: "steady" keeps freed memory mapped (normbench.bench.allocator)
 
     def cells(self, device: str | None = None) -> list[Cell]:
         """Every cell of the grid, in run order, without repeats. A ``torch`` cell carries the L2
@@ -214,6 +216,7 @@ def make_spec(
     measure_memory: bool = True,
     timing: TimingSpec | None = None,
     threads: int | None = None,
+    malloc: str = "steady",
 ) -> ProfileSpec:
     """A validated :class:`ProfileSpec` from option values (comma-separated strings or lists);
     None keeps the default grid's (or with ``quick`` the reduced grid's) value."""
@@ -248,9 +251,12 @@ def make_spec(
         timing=timing or base.timing,
         measure_memory=measure_memory,
         threads=threads,
+        malloc=malloc,
     )
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
+    if malloc not in MALLOC_MODES:
+        raise UserError(f"unknown malloc {malloc!r}: use {', '.join(MALLOC_MODES)}")
     for g in spec.groups:  # every norm must fit every shape it runs on
         for n in spec.group_norms(g):
             for s in g.shapes:

@@ -27,6 +27,9 @@ import click
 @click.option("--device", default="auto", show_default=True, help="auto (cuda when available), cpu or cuda.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (default: torch's own setting). "
               "On a machine shared with other work, --threads 1 gives far steadier numbers.")
+@click.option("--malloc", type=click.Choice(["steady", "system"]), default="steady", show_default=True,
+              help="CPU runs: steady keeps freed memory mapped (glibc), so no timed call pays page faults that "
+              "depend on earlier allocations; system leaves the C allocator as it is.")
 @click.option("--quick", is_flag=True, help="A reduced grid that finishes in well under a minute (CI uses it).")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the results here as cells finish: "
               ".json, .jsonl or .csv.")
@@ -35,7 +38,7 @@ import click
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | None, preset: str | None,
             pass_: str | None, mode: str | None, memory_format: str | None, device: str, threads: int | None,
-            quick: bool, output: str | None, resume: bool, no_memory: bool, quiet: bool) -> None:
+            malloc: str, quick: bool, output: str | None, resume: bool, no_memory: bool, quiet: bool) -> None:
     """How fast is each norm layer, per dtype and shape, forward and backward, against torch's own
     layer and against this device's copy bandwidth; and how much memory does it keep for backward?
 
@@ -45,6 +48,7 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
     """
     from normbench.axes import resolve_device
     from normbench.bench import KEY_FIELDS, make_spec, run
+    from normbench.bench.runner import prepare_allocator
     from normbench.errors import UserError
     from normbench.results import ResultsWriter, environment, schema_name
 
@@ -52,7 +56,7 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
         raise UserError("--resume needs --output (the file whose finished cells to keep)")
     spec = make_spec(norm=norm, impl=impl, dtype=dtype, shape=shape, preset=preset, pass_=pass_, mode=mode,
                      memory_format=memory_format, device=device, quick=quick, measure_memory=not no_memory,
-                     threads=threads)
+                     threads=threads, malloc=malloc)
     dev = resolve_device(spec.device)
     load = _load_average()
     writer = None
@@ -62,6 +66,7 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
         env = environment(dev)
         env["threads"] = threads or torch.get_num_threads()
         env["load_average_1m"] = load
+        env["malloc"] = prepare_allocator(spec, dev)
         writer = ResultsWriter(output, schema_name("profile"), env, KEY_FIELDS, resume=resume)
 
     cores = os.cpu_count() or 1

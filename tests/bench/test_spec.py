@@ -58,7 +58,7 @@ def test_options_parse_into_the_spec():
                      mode="eval,train", memory_format="channels_last", device="cpu", quick=True, threads=1)
     assert spec.groups[0].shapes == ((2, 3, 4, 4),)
     assert spec.dtypes == ("fp16", "fp64") and spec.passes == ("bwd",) and spec.modes == ("eval", "train")
-    assert spec.timing == QUICK_TIMING and spec.threads == 1
+    assert spec.timing == QUICK_TIMING and spec.threads == 1 and spec.malloc == "steady"
     assert {c.dtype for c in spec.cells()} == {torch.float16, torch.float64}
 
 
@@ -74,6 +74,7 @@ def test_options_parse_into_the_spec():
     (dict(shape="8x4", preset="transformer"), "not both"),
     (dict(norm="l1", shape="5"), "2 to 5 dimensions"),
     (dict(threads=0), "--threads"),
+    (dict(malloc="jemalloc"), "unknown malloc"),
     (dict(impl=","), "at least one"),
 ])
 def test_bad_values_are_user_errors(kwargs, message):

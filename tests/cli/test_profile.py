@@ -28,6 +28,7 @@ def test_quick_run_writes_an_honest_results_file(tmp_path):
     assert doc["schema"] == "normbench.profile/1"
     env = doc["environment"]
     assert env["device"] == "cpu" and env["threads"] == 1 and "load_average_1m" in env
+    assert env["malloc"].startswith(("steady", "system"))
     ok = [r for r in doc["records"] if r["status"] == "ok"]
     skipped = [r for r in doc["records"] if r["status"] == "skipped"]
     assert len(ok) >= 10
