@@ -194,49 +194,59 @@ def _sum_and_block_extrema(x, c, block_hi, block_lo):
 @njit(inline="always")
 def _search_blocks(x, c, mu_c, block_hi, block_lo, vals, where):
     """The k largest |x - mu| of channel c (rows layout) and their flat offsets into ``vals`` and
-    ``where`` (``vals`` filled with -1). A block's largest deviation is ``max(hi - mu, mu - lo)``:
-    only blocks where that reaches the k-th largest such bound are searched, in memory order, and
-    within them value by value only the chunks of ``_CHUNK`` values whose maximum reaches it. Ties
-    go to the first positions. k = 1 is the maximum: the first value that reaches it."""
+    ``where`` (``vals`` filled with -1). A block's largest deviation is ``max(hi - mu, mu - lo)``,
+    and the k-th largest such bound is a floor for the k-th largest deviation. So only the values
+    that reach it are candidates: they are collected in memory order from the blocks whose bound
+    reaches it (value by value only in the chunks of ``_CHUNK`` values whose maximum does), and
+    the k largest taken from them by a stable sort, so ties go to the first positions. k = 1 is
+    the maximum: the first value that reaches it."""
     n_a, n_c, n_b = x.shape
     per_row = (n_b + _BLOCK - 1) // _BLOCK
     k = vals.shape[0]
-    # the k-th largest block bound: each bound is some value's deviation, so no value below it
-    # is among the k largest, and blocks whose bound is below it need no search
-    bounds = np.full(k, -1.0)
-    slots = np.zeros(k, np.int64)
-    low = -1.0
-    for j in range(block_hi.shape[0]):
-        bound = max(_cast(x, block_hi[j]) - mu_c, mu_c - _cast(x, block_lo[j]))
-        if bound > low:
-            low = _keep_top(bounds, slots, bound, j)
-    if k == 1:
-        vals[0] = low
-    thr = -1.0
-    for j in range(block_hi.shape[0]):
-        bound = max(_cast(x, block_hi[j]) - mu_c, mu_c - _cast(x, block_lo[j]))
-        if bound < low or (k > 1 and bound <= thr):
+    blocks = block_hi.shape[0]
+    bound = np.empty(blocks)
+    for j in range(blocks):  # in the arithmetic of the values: the bound is some value's deviation
+        bound[j] = max(_cast(x, block_hi[j]) - mu_c, mu_c - _cast(x, block_lo[j]))
+    if blocks < k:  # no floor: every value is a candidate
+        low = -1.0
+    else:
+        low = bound.max() if k == 1 else np.partition(bound, blocks - k)[blocks - k]
+    searched = 0
+    for j in range(blocks):
+        searched += bound[j] >= low
+    cand_d = np.empty(searched * _BLOCK)
+    cand_at = np.empty(searched * _BLOCK, np.int64)
+    m = 0
+    for j in range(blocks):
+        if not bound[j] >= low:
             continue
         a, b0 = j // per_row, (j % per_row) * _BLOCK
         seg = x[a, c, b0:b0 + _BLOCK]
         for q in range(0, seg.shape[0], _CHUNK):
             chunk = seg[q:q + _CHUNK]
-            m = _cast(x, -1.0)
+            top = _cast(x, -1.0)
             for i in range(chunk.shape[0]):
-                m = _maxnum(m, abs(_load1(chunk, i) - mu_c))
-            if m < low or (k > 1 and m <= thr):
+                top = _maxnum(top, abs(_load1(chunk, i) - mu_c))
+            if top < low:
                 continue
             at0 = (a * n_c + c) * n_b + b0 + q
             for i in range(chunk.shape[0]):
                 d = abs(_load1(chunk, i) - mu_c)
-                if k == 1:
-                    if d >= vals[0]:
+                if d >= low:
+                    if k == 1:
+                        vals[0] = d
                         where[0] = at0 + i
                         return
-                elif d > thr and d >= low:
-                    thr = _keep_top(vals, where, d, at0 + i)
+                    cand_d[m] = d
+                    cand_at[m] = at0 + i
+                    m += 1
     if k == 1:  # NaN input: nothing compares; any position of the channel
         where[0] = c * n_b
+        return
+    order = np.argsort(-cand_d[:m], kind="mergesort")  # stable: ties keep memory order
+    for i in range(min(k, m)):
+        vals[i] = cand_d[order[i]]
+        where[i] = cand_at[order[i]]
 
 
 @njit(inline="always")
