@@ -54,6 +54,7 @@ def set_backend(name: str) -> None:
     _BACKEND = name
 
 
+@functools.cache
 def triton_available() -> bool:
     """Whether triton imports (the CUDA kernels need it)."""
     import importlib.util
@@ -61,6 +62,7 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
 def numba_available() -> bool:
     """Whether numba imports (the CPU kernels need it)."""
     import importlib.util
@@ -273,8 +275,6 @@ class FusedLpBatchNorm(torch.autograd.Function):
         cpu_kernels = _numba_kernels(x)
         if cpu_kernels:
             y3, mean, stat, scale, pos = cpu_kernels.forward(x3, weight, bias, p, k, const, eps)
-            cdt = compute_dtype(x.dtype)
-            mean, stat = mean.to(cdt), stat.to(cdt)
         else:
             kernels = _triton_kernels(x)
             mean, stat, pos = (kernels.statistics if kernels else _stats_torch)(x3, p, k)

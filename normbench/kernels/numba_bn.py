@@ -470,6 +470,17 @@ def _acc(x3: torch.Tensor) -> torch.dtype:
     return torch.float64 if x3.dtype == torch.float64 else torch.float32
 
 
+def _per_channel(x3: torch.Tensor, *arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """float64 per-channel results as tensors of the compute dtype (a numpy cast costs less than
+    torch's on a few hundred values, and this runs on every call)."""
+    acc = np.float64 if x3.dtype == torch.float64 else np.float32
+    return tuple(torch.from_numpy(a.astype(acc, copy=False)) for a in arrays)
+
+
+def _f64(t: torch.Tensor) -> np.ndarray:
+    return t.numpy().astype(np.float64, copy=False)
+
+
 def _p_code(p: float, k: int | None) -> int:
     return P_TOPK if (k is not None or p == math.inf) else (P_L2 if p == 2 else P_L1)
 
@@ -494,8 +505,9 @@ def _sync_threads() -> None:
 
 
 def forward(x3: torch.Tensor, weight, bias, p: float, k: int | None, const: float, eps: float):
-    """``(y3, mean, stat, scale, pos)``: output in x's dtype; per-channel mean, raw statistic and
-    dispersion D (float64); top-k / max positions as flat offsets (C, k), else None."""
+    """``(y3, mean, stat, scale, pos)``: output in x's dtype; per-channel mean and raw statistic
+    (in the compute dtype: float64 for float64 input, else float32) and dispersion D (float64);
+    top-k / max positions as flat offsets (C, k), else None."""
     _sync_threads()
     a_len, c, b_len = x3.shape
     p_code = _p_code(p, k)
@@ -507,7 +519,7 @@ def forward(x3: torch.Tensor, weight, bias, p: float, k: int | None, const: floa
         pos = np.zeros((c, kk), np.int64)
         _forward_rows(_np(x3), _np(y3), w, b, p_code, kk, const, eps, mean, stat, scale, pos)
         pos_t = torch.from_numpy(pos) if p_code == P_TOPK else None
-        return y3, torch.from_numpy(mean), torch.from_numpy(stat), torch.from_numpy(scale), pos_t
+        return y3, *_per_channel(x3, mean, stat), torch.from_numpy(scale), pos_t
     xn, bounds = _np(x3), _slices(a_len)
     acc = np.float64 if x3.dtype == torch.float64 else np.float32
     sums = np.empty((len(bounds) - 1, c), acc)
@@ -530,7 +542,7 @@ def forward(x3: torch.Tensor, weight, bias, p: float, k: int | None, const: floa
     scale = np.sqrt(stat + eps) if p_code == P_L2 else stat * const + eps
     mul = w / scale
     _col_apply(xn, _np(y3), bounds, mean.astype(acc), mul.astype(acc), b.astype(acc))
-    return y3, torch.from_numpy(mean), torch.from_numpy(stat), torch.from_numpy(scale), pos_t
+    return y3, *_per_channel(x3, mean, stat), torch.from_numpy(scale), pos_t
 
 
 def backward(x3, gy3, weight, mean, scale, p: float, k: int | None, const: float, pos):
@@ -542,7 +554,7 @@ def backward(x3, gy3, weight, mean, scale, p: float, k: int | None, const: float
     p_code = _p_code(p, k)
     dx3 = torch.empty_like(x3)
     w, _ = _params(weight, None, c)
-    mean_n, scale_n = mean.double().numpy(), scale.double().numpy()
+    mean_n, scale_n = _f64(mean), _f64(scale)
     pos_n = np.zeros((c, 1), np.int64) if pos is None else pos.numpy()
     if b_len > 1:
         sum_g, sum_gx = np.empty(c), np.empty(c)
