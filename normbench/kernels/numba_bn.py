@@ -145,24 +145,6 @@ def _cast_impl(arr, v):
     return lambda arr, v: np.float32(v)
 
 
-@njit(inline="always")
-def _keep_top(vals, where, d, at):
-    """Put deviation ``d`` at flat offset ``at`` in place of the smallest kept one (of tied smallest,
-    the one at the largest offset: callers visit offsets in increasing order, so the kept set is
-    the k largest with ties to the first positions); return the new smallest kept value (the
-    threshold a later value must beat)."""
-    low = 0
-    for i in range(1, vals.shape[0]):
-        if vals[i] < vals[low] or (vals[i] == vals[low] and where[i] > where[low]):
-            low = i
-    vals[low] = d
-    where[low] = at
-    low_val = vals[0]
-    for i in range(1, vals.shape[0]):
-        low_val = min(low_val, vals[i])
-    return low_val
-
-
 _CHUNK = 16  # top-k search: values whose maximum is taken before a value-by-value look
 _BLOCK = 256  # top-k: the extent of the block extrema that bound where the k largest can be
 
@@ -378,16 +360,34 @@ def _backward_rows(x, g, dx, w, mean, scale, p_code, const, pos, sum_g_out, sum_
 
 
 # ----------------------------------------------------------------------------- columns (B = 1)
+_COL_BLOCK = 64  # top-k, columns layout: the rows of a block whose max and min bound its deviations
+
+
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _col_sums(x, bounds, sums):
-    """Per slice t of rows [bounds[t], bounds[t+1]): the sum of every channel."""
+def _col_sums(x, bounds, sums, hi, lo):
+    """Per slice t of rows [bounds[t], bounds[t+1]): the sum of every channel. With ``hi`` and
+    ``lo`` of shape (blocks, C) (else empty), also the max and min of every block of
+    ``_COL_BLOCK`` rows of each channel; the slice bounds are then multiples of ``_COL_BLOCK``."""
     n_c = x.shape[1]
+    extrema = hi.shape[0] > 0
     for t in prange(bounds.shape[0] - 1):
         for c in range(n_c):
             sums[t, c] = 0.0
         for a in range(bounds[t], bounds[t + 1]):
-            for c in range(n_c):
-                sums[t, c] += _load(x, a, c, 0)
+            if extrema:
+                j = a // _COL_BLOCK
+                if a % _COL_BLOCK == 0:
+                    for c in range(n_c):
+                        hi[j, c] = -np.inf
+                        lo[j, c] = np.inf
+                for c in range(n_c):
+                    v = _load(x, a, c, 0)
+                    sums[t, c] += v
+                    hi[j, c] = _maxnum(hi[j, c], v)
+                    lo[j, c] = _minnum(lo[j, c], v)
+            else:
+                for c in range(n_c):
+                    sums[t, c] += _load(x, a, c, 0)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -404,17 +404,42 @@ def _col_deviation(x, bounds, mean, p_code, out):
 
 
 @njit(parallel=True, cache=True)
-def _col_topk(x, bounds, mean, vals, where):
-    """Per slice and channel, the k largest |x - mu| and their flat offsets, into vals/where of
-    shape (slices, C, k) (initialized to -1 by the caller)."""
-    n_c = x.shape[1]
-    for t in prange(bounds.shape[0] - 1):
-        thr = np.full(n_c, -1.0)
-        for a in range(bounds[t], bounds[t + 1]):
-            for c in range(n_c):
-                d = abs(_load(x, a, c, 0) - mean[c])
-                if d > thr[c]:
-                    thr[c] = _keep_top(vals[t, c], where[t, c], d, a * n_c + c)
+def _col_topk(x, mean, hi, lo, vals, where):
+    """Per channel, the k largest |x - mu| and their flat offsets into vals/where of shape (C, k)
+    (filled with -1 and 0 by the caller), as the rows kernels search: the k-th largest bound of
+    the channel's row blocks (from ``hi``/``lo`` of :func:`_col_sums`) is a floor, the values of
+    the blocks that reach it are the candidates, and a stable sort keeps ties at the first rows."""
+    n_a, n_c = x.shape[0], x.shape[1]
+    k = vals.shape[1]
+    blocks = hi.shape[0]
+    for c in prange(n_c):
+        mu_c = _cast(x, mean[c])
+        bound = np.empty(blocks)
+        for j in range(blocks):  # in the arithmetic of the values: the bound is some value's deviation
+            bound[j] = max(_cast(x, hi[j, c]) - mu_c, mu_c - _cast(x, lo[j, c]))
+        if blocks < k:  # no floor: every value is a candidate
+            low = -1.0
+        else:
+            low = bound.max() if k == 1 else np.partition(bound, blocks - k)[blocks - k]
+        searched = 0
+        for j in range(blocks):
+            searched += bound[j] >= low
+        cand_d = np.empty(searched * _COL_BLOCK)
+        cand_at = np.empty(searched * _COL_BLOCK, np.int64)
+        m = 0
+        for j in range(blocks):
+            if not bound[j] >= low:
+                continue
+            for a in range(j * _COL_BLOCK, min((j + 1) * _COL_BLOCK, n_a)):
+                d = abs(_load(x, a, c, 0) - mu_c)
+                if d >= low:
+                    cand_d[m] = d
+                    cand_at[m] = a * n_c + c
+                    m += 1
+        order = np.argsort(-cand_d[:m], kind="mergesort")  # stable: ties keep row order
+        for i in range(min(k, m)):
+            vals[c, i] = cand_d[order[i]]
+            where[c, i] = cand_at[order[i]]
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -492,10 +517,12 @@ def _params(weight: torch.Tensor | None, bias: torch.Tensor | None, c: int) -> t
     return w, b
 
 
-def _slices(a_len: int) -> np.ndarray:
-    """Row bounds of the slices the columns kernels share among threads (a few per thread)."""
-    count = max(1, min(a_len, 4 * numba.get_num_threads()))
-    return np.linspace(0, a_len, count + 1).astype(np.int64)
+def _slices(a_len: int, align: int = 1) -> np.ndarray:
+    """Row bounds of the slices the columns kernels share among threads (a few per thread), at
+    multiples of ``align`` (but the last)."""
+    units = -(-a_len // align)
+    count = max(1, min(units, 4 * numba.get_num_threads()))
+    return np.minimum(np.linspace(0, units, count + 1).astype(np.int64) * align, a_len)
 
 
 def _sync_threads() -> None:
@@ -521,21 +548,21 @@ def forward(x3: torch.Tensor, weight, bias, p: float, k: int | None, const: floa
         _forward_rows(_np(x3), _np(y3), w, b, p_code, kk, const, eps, mean, stat, scale, pos)
         pos_t = torch.from_numpy(pos) if p_code == P_TOPK else None
         return y3, *_per_channel(x3, mean, stat), torch.from_numpy(scale), pos_t
-    xn, bounds = _np(x3), _slices(a_len)
+    xn = _np(x3)
     acc = np.float64 if x3.dtype == torch.float64 else np.float32
+    topk = p_code == P_TOPK
+    bounds = _slices(a_len, _COL_BLOCK if topk else 1)
+    blocks = -(-a_len // _COL_BLOCK) if topk else 0
+    hi, lo = np.empty((blocks, c), acc), np.empty((blocks, c), acc)
     sums = np.empty((len(bounds) - 1, c), acc)
-    _col_sums(xn, bounds, sums)
+    _col_sums(xn, bounds, sums, hi, lo)
     mean = sums.astype(np.float64).sum(0) / a_len
     pos_t = None
-    if p_code == P_TOPK:
-        vals = np.full((len(bounds) - 1, c, kk), -1.0)
-        where = np.zeros((len(bounds) - 1, c, kk), np.int64)
-        _col_topk(xn, bounds, mean.astype(acc), vals, where)
-        vals, where = vals.transpose(1, 0, 2).reshape(c, -1), where.transpose(1, 0, 2).reshape(c, -1)
-        # the k largest of the slices' candidates; ties to the earliest offset, as the rows kernel
-        order = np.lexsort((where, -vals), axis=1)[:, :kk]
-        stat = np.take_along_axis(vals, order, 1).mean(1)
-        pos_t = torch.from_numpy(np.ascontiguousarray(np.take_along_axis(where, order, 1)))
+    if topk:
+        vals, where = np.full((c, kk), -1.0), np.zeros((c, kk), np.int64)
+        _col_topk(xn, mean.astype(acc), hi, lo, vals, where)
+        stat = vals.mean(1)
+        pos_t = torch.from_numpy(where)
     else:
         dev = np.empty_like(sums)
         _col_deviation(xn, bounds, mean.astype(acc), p_code, dev)
