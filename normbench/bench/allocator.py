@@ -46,6 +46,22 @@ def steady_cpu_malloc() -> str:
     return _state
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_free_bytes() -> int:
+    """Bytes that glibc's heap holds free for this process (``mallinfo2().fordblks``; 0 when not
+    glibc or too old). In the steady state this memory is never given back to the kernel, so a
+    check of free memory must count it with what the kernel reports as available."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return 0
+    libc.mallinfo2.restype = _MallInfo2
+    return int(libc.mallinfo2().fordblks)
+
+
 def _glibc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if name is None:

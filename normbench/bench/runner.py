@@ -77,7 +77,8 @@ def check_cell(cell: Cell) -> None:
 
 
 def free_memory(device: str) -> int | None:
-    """Bytes free for new tensors on ``device`` (CPU: MemAvailable of /proc/meminfo), None if unknown."""
+    """Bytes free for new tensors on ``device`` (CPU: MemAvailable of /proc/meminfo plus what the
+    C allocator holds free for this process), None if unknown."""
     if torch.device(device).type == "cuda":  # the driver's free memory plus torch's cached blocks
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return torch.cuda.mem_get_info(device)[0] + cached
@@ -85,7 +86,9 @@ def free_memory(device: str) -> int | None:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    from normbench.bench.allocator import heap_free_bytes
+
+                    return int(line.split()[1]) * 1024 + heap_free_bytes()
     except OSError:
         pass
     return None

@@ -35,3 +35,15 @@ def test_steady_malloc_is_idempotent_and_cpu_only():
     assert prepare_allocator(make_spec(device="cpu"), "cpu") == first
     assert prepare_allocator(make_spec(device="cpu", malloc="system"), "cpu") == "system"
     assert prepare_allocator(make_spec(device="cpu"), "cuda") is None
+
+
+@pytest.mark.skipif(allocator._glibc() is None, reason="needs glibc (mallinfo2)")
+def test_memory_the_heap_keeps_counts_as_free():
+    from normbench.bench.runner import free_memory
+
+    allocator.steady_cpu_malloc()
+    x = torch.ones(16 * 2**20)  # 64 MB from the heap (no mmap in the steady state)
+    before = allocator.heap_free_bytes()
+    del x
+    assert allocator.heap_free_bytes() - before >= 60 * 2**20
+    assert free_memory("cpu") >= allocator.heap_free_bytes()
