@@ -526,9 +526,15 @@ def _slices(a_len: int, align: int = 1) -> np.ndarray:
 
 
 def _sync_threads() -> None:
-    """Use as many threads as torch does (``normbench profile --threads`` sets torch's)."""
-    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != want:
+    """Use as many threads as torch does (``normbench profile --threads`` sets torch's), and keep
+    torch's count as it was: numba's OpenMP layer shares libgomp with torch, and launching its
+    thread pool (on the first call) resets the count torch reads to numba's default."""
+    torch_threads = torch.get_num_threads()
+    current = numba.get_num_threads()  # launches numba's pool the first time
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    want = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+    if current != want:
         numba.set_num_threads(want)
 
 

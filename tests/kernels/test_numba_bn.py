@@ -2,6 +2,8 @@
 (Their results against the fp64 oracle, every p, k and layout, are in test_fused.py.)"""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -99,6 +101,20 @@ def test_threads_follow_torch():
         assert numba.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_first_call_leaves_torch_threads_as_they_were():
+    # numba's thread pool starts on the first kernel call; in a fresh process, as a profile run
+    # with --threads 1 would meet it
+    code = (
+        "import torch, numba\n"
+        "torch.set_num_threads(1)\n"
+        "from normbench.kernels import numba_bn\n"
+        "numba_bn.forward(torch.randn(4, 2, 9), None, None, 2.0, None, 1.0, 1e-5)\n"
+        "print(torch.get_num_threads(), numba.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1"]
 
 
 def test_auto_takes_the_kernels_for_spatial_cpu_input():
