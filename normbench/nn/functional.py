@@ -131,12 +131,24 @@ def lp_batch_norm(
             input, _channel_view(weight, input.dim()), _channel_view(bias, input.dim()), dims, p, k, eps, True, impl
         )
     if running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            p, k = check_pk(p, k)
-            running_mean.lerp_(mean.reshape(-1).to(running_mean.dtype), momentum)
-            var = sigma_estimate(stat.reshape(-1), p, k, n)
-            running_var.lerp_(var.to(running_var.dtype), momentum)
+        _update_running(running_mean, running_var, mean.reshape(-1), stat.reshape(-1), *check_pk(p, k), n, momentum)
     return y
+
+
+@torch.no_grad()
+def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
+                    p: float, k: int | None, n: int, momentum: float) -> None:
+    """``running = (1 - momentum) * running + momentum * batch``, in place, for the mean and for
+    :func:`~normbench.kernels.reference.sigma_estimate` of the statistic (``stat * n / (n - 1)`` for
+    p=2, ``(C * stat)^2 * n / (n - 1)`` otherwise). Each in two fused ops without temporaries:
+    this runs on every training call, where small ops cost more than the arithmetic."""
+    ratio = n / (n - 1)
+    running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+    if p == 2:
+        running_var.mul_(1 - momentum).add_(stat, alpha=momentum * ratio)
+    else:
+        c = dispersion_constant(p, n, k)
+        running_var.mul_(1 - momentum).addcmul_(stat, stat, value=momentum * ratio * c * c)
 
 
 def _check_normalized_shape(x: torch.Tensor, normalized_shape: Sequence[int]) -> tuple[int, ...]:
