@@ -175,6 +175,45 @@ def _sum_and_block_extrema(x, c, block_hi, block_lo):
 
 
 @njit(inline="always")
+def _block_bounds(x, mu_c, hi, lo):
+    """Each block's largest deviation ``max(hi - mu, mu - lo)`` from its max and min, in the
+    arithmetic of the values, so that each bound is exactly some value's deviation."""
+    bound = np.empty(hi.shape[0])
+    for j in range(hi.shape[0]):
+        bound[j] = max(_cast(x, hi[j]) - mu_c, mu_c - _cast(x, lo[j]))
+    return bound
+
+
+@njit(inline="always")
+def _floor(bound, k):
+    """The k-th largest block bound: k values (one per block) reach it, so no deviation below it
+    is among the k largest. -1 (no floor) with fewer than k blocks."""
+    blocks = bound.shape[0]
+    if blocks < k:
+        return -1.0
+    return bound.max() if k == 1 else np.partition(bound, blocks - k)[blocks - k]
+
+
+@njit(inline="always")
+def _candidate_space(bound, low, per_block):
+    """Room for every value of the blocks whose bound reaches ``low``: deviations and offsets."""
+    searched = 0
+    for j in range(bound.shape[0]):
+        searched += bound[j] >= low
+    return np.empty(searched * per_block), np.empty(searched * per_block, np.int64)
+
+
+@njit(inline="always")
+def _take_largest(cand_d, cand_at, vals, where):
+    """The k largest candidates (met in memory order) into ``vals``/``where``; the sort is stable,
+    so ties keep the first positions."""
+    order = np.argsort(-cand_d, kind="mergesort")
+    for i in range(min(vals.shape[0], cand_d.shape[0])):
+        vals[i] = cand_d[order[i]]
+        where[i] = cand_at[order[i]]
+
+
+@njit(inline="always")
 def _search_blocks(x, c, mu_c, block_hi, block_lo, vals, where):
     """The k largest |x - mu| of channel c (rows layout) and their flat offsets into ``vals`` and
     ``where`` (``vals`` filled with -1). A block's largest deviation is ``max(hi - mu, mu - lo)``,
@@ -186,21 +225,11 @@ def _search_blocks(x, c, mu_c, block_hi, block_lo, vals, where):
     n_a, n_c, n_b = x.shape
     per_row = (n_b + _BLOCK - 1) // _BLOCK
     k = vals.shape[0]
-    blocks = block_hi.shape[0]
-    bound = np.empty(blocks)
-    for j in range(blocks):  # in the arithmetic of the values: the bound is some value's deviation
-        bound[j] = max(_cast(x, block_hi[j]) - mu_c, mu_c - _cast(x, block_lo[j]))
-    if blocks < k:  # no floor: every value is a candidate
-        low = -1.0
-    else:
-        low = bound.max() if k == 1 else np.partition(bound, blocks - k)[blocks - k]
-    searched = 0
-    for j in range(blocks):
-        searched += bound[j] >= low
-    cand_d = np.empty(searched * _BLOCK)
-    cand_at = np.empty(searched * _BLOCK, np.int64)
+    bound = _block_bounds(x, mu_c, block_hi, block_lo)
+    low = _floor(bound, k)
+    cand_d, cand_at = _candidate_space(bound, low, _BLOCK)
     m = 0
-    for j in range(blocks):
+    for j in range(bound.shape[0]):
         if not bound[j] >= low:
             continue
         a, b0 = j // per_row, (j % per_row) * _BLOCK
@@ -226,10 +255,7 @@ def _search_blocks(x, c, mu_c, block_hi, block_lo, vals, where):
     if k == 1:  # NaN input: nothing compares; any position of the channel
         where[0] = c * n_b
         return
-    order = np.argsort(-cand_d[:m], kind="mergesort")  # stable: ties keep memory order
-    for i in range(min(k, m)):
-        vals[i] = cand_d[order[i]]
-        where[i] = cand_at[order[i]]
+    _take_largest(cand_d[:m], cand_at, vals, where)
 
 
 @njit(inline="always")
@@ -410,24 +436,13 @@ def _col_topk(x, mean, hi, lo, vals, where):
     the channel's row blocks (from ``hi``/``lo`` of :func:`_col_sums`) is a floor, the values of
     the blocks that reach it are the candidates, and a stable sort keeps ties at the first rows."""
     n_a, n_c = x.shape[0], x.shape[1]
-    k = vals.shape[1]
-    blocks = hi.shape[0]
     for c in prange(n_c):
         mu_c = _cast(x, mean[c])
-        bound = np.empty(blocks)
-        for j in range(blocks):  # in the arithmetic of the values: the bound is some value's deviation
-            bound[j] = max(_cast(x, hi[j, c]) - mu_c, mu_c - _cast(x, lo[j, c]))
-        if blocks < k:  # no floor: every value is a candidate
-            low = -1.0
-        else:
-            low = bound.max() if k == 1 else np.partition(bound, blocks - k)[blocks - k]
-        searched = 0
-        for j in range(blocks):
-            searched += bound[j] >= low
-        cand_d = np.empty(searched * _COL_BLOCK)
-        cand_at = np.empty(searched * _COL_BLOCK, np.int64)
+        bound = _block_bounds(x, mu_c, hi[:, c], lo[:, c])
+        low = _floor(bound, vals.shape[1])
+        cand_d, cand_at = _candidate_space(bound, low, _COL_BLOCK)
         m = 0
-        for j in range(blocks):
+        for j in range(bound.shape[0]):
             if not bound[j] >= low:
                 continue
             for a in range(j * _COL_BLOCK, min((j + 1) * _COL_BLOCK, n_a)):
@@ -436,10 +451,7 @@ def _col_topk(x, mean, hi, lo, vals, where):
                     cand_d[m] = d
                     cand_at[m] = a * n_c + c
                     m += 1
-        order = np.argsort(-cand_d[:m], kind="mergesort")  # stable: ties keep row order
-        for i in range(min(k, m)):
-            vals[c, i] = cand_d[order[i]]
-            where[c, i] = cand_at[order[i]]
+        _take_largest(cand_d[:m], cand_at, vals[c], where[c])
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
