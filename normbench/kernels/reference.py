@@ -99,11 +99,12 @@ def scale_from_statistic(stat: torch.Tensor, p: float, k: int | None, n: int, ep
     return stat * dispersion_constant(p, n, k) + eps
 
 
-def sigma_estimate(stat: torch.Tensor, p: float, k: int | None, n: int) -> torch.Tensor:
-    """The statistic as an estimate of sigma^2, bias-corrected by n / (n - 1) like torch's running
-    variance: what running statistics track, for every p, so that eval mode is one formula."""
-    var = stat if p == 2 else (stat * dispersion_constant(p, n, k)) ** 2
-    return var * (n / (n - 1)) if n > 1 else var
+def sigma_estimate_factor(p: float, k: int | None, n: int) -> float:
+    """What running statistics track, for every p, so that eval mode is one formula: the statistic
+    as an estimate of sigma^2, ``factor * stat`` for p=2 and ``factor * stat^2`` otherwise (the
+    squared dispersion constant), bias-corrected by n / (n - 1) like torch's running variance."""
+    ratio = n / (n - 1) if n > 1 else 1.0
+    return ratio if p == 2 else ratio * dispersion_constant(p, n, k) ** 2
 
 
 def lp_normalize(

@@ -25,7 +25,7 @@ from normbench.kernels.reference import (
     check_pk,
     lp_normalize,
     reduced_numel,
-    sigma_estimate,
+    sigma_estimate_factor,
 )
 
 __all__ = [
@@ -139,16 +139,15 @@ def lp_batch_norm(
 def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
                     p: float, k: int | None, n: int, momentum: float) -> None:
     """``running = (1 - momentum) * running + momentum * batch``, in place, for the mean and for
-    :func:`~normbench.kernels.reference.sigma_estimate` of the statistic (``stat * n / (n - 1)`` for
-    p=2, ``(C * stat)^2 * n / (n - 1)`` otherwise). Each in two fused ops without temporaries:
-    this runs on every training call, where small ops cost more than the arithmetic."""
-    ratio = n / (n - 1)
+    the statistic's sigma^2 estimate (:func:`~normbench.kernels.reference.sigma_estimate_factor`).
+    Each in two fused ops without temporaries: this runs on every training call, where small ops
+    cost more than the arithmetic."""
+    factor = sigma_estimate_factor(p, k, n)
     running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
     if p == 2:
-        running_var.mul_(1 - momentum).add_(stat, alpha=momentum * ratio)
+        running_var.mul_(1 - momentum).add_(stat, alpha=momentum * factor)
     else:
-        c = dispersion_constant(p, n, k)
-        running_var.mul_(1 - momentum).addcmul_(stat, stat, value=momentum * ratio * c * c)
+        running_var.mul_(1 - momentum).addcmul_(stat, stat, value=momentum * factor)
 
 
 def _check_normalized_shape(x: torch.Tensor, normalized_shape: Sequence[int]) -> tuple[int, ...]:
