@@ -8,7 +8,8 @@ The formulation is shaped for memory traffic (docs/performance.md has the byte m
   L2 by Welford, while the compiled CPU stage takes L2 in two passes (measured faster there);
   p=1 needs the mean before the mean absolute deviation, so two passes;
 - normalize and affine folded into one multiply-add per element, ``y = x * a + b`` with per-channel
-  ``a = weight / D`` and ``b = bias - mu * a``;
+  ``a = weight / D`` and ``b = bias - mu * a`` (the numba kernels: ``y = (x - mu) * a + bias``, free
+  of cancellation when ``|mu|`` is much larger than D);
 - backward: one pass that reduces ``sum(dy)`` and ``sum(dy * xhat)`` (and for p=1 ``sum(sign)``)
   together, then one elementwise pass; top-k and the maximum add the term of their k positions
   per channel by a scatter (the Triton kernels count tied maxima in the two passes instead).
