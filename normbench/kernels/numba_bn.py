@@ -3,11 +3,12 @@
 Every kernel works on the canonical (A, C, B) view of :func:`normbench.kernels.fused.canonical`
 (contiguous). Two layouts:
 
-- rows (B > 1, contiguous NCHW): one thread owns a channel at a time and makes all of its passes
-  in a row. A channel of a ResNet activation (32 x 56 x 56 values: 400 KB in fp32) stays in the
-  core's L2 cache between them, so the second statistics pass of L1 and L2, the top-k search and
-  the normalize pass cost no memory traffic: forward reads x once and writes y once; backward reads
-  x and dy once and writes dx once.
+- rows (B > 1, contiguous NCHW): one thread owns a group of adjacent channels at a time
+  (:func:`_group`) and makes all of its passes in a row, each pass in memory order (for every
+  batch index, the group's rows are one stretch of memory). The group stays in cache between the
+  passes (a quarter of the L3 for all threads' groups together), so the second statistics pass of
+  L1 and L2, the top-k search and the normalize pass cost no memory traffic: forward reads x once
+  and writes y once; backward reads x and dy once and writes dx once.
 - columns (B = 1: channels_last, or (N, C) input): threads own slices of the rows and vectorize
   over the channels; partial results per slice are combined, and every pass reads memory.
 
@@ -24,7 +25,9 @@ beats the smallest kept one. Ties go to the first positions in both.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import numba
 import numpy as np
@@ -150,28 +153,23 @@ _BLOCK = 256  # top-k: the extent of the block extrema that bound where the k la
 
 
 @njit(inline="always")
-def _sum_and_block_extrema(x, c, block_hi, block_lo):
-    """Sum of channel c (rows layout), and the max and min of every block of ``_BLOCK`` values of
-    each row (a row's blocks are consecutive in ``block_hi``/``block_lo``)."""
-    n_a, n_c, n_b = x.shape
-    per_row = (n_b + _BLOCK - 1) // _BLOCK
-    total = 0.0
-    for a in range(n_a):
-        row = x[a, c]
-        row_sum = _cast(x, 0.0)
-        for j in range(per_row):
-            seg = row[j * _BLOCK:(j + 1) * _BLOCK]  # loops from 0 over a view: they vectorize
-            hi = _cast(x, -np.inf)
-            lo = _cast(x, np.inf)
-            for i in range(seg.shape[0]):
-                v = _load1(seg, i)
-                row_sum += v
-                hi = _maxnum(hi, v)
-                lo = _minnum(lo, v)
-            block_hi[a * per_row + j] = hi
-            block_lo[a * per_row + j] = lo
-        total += row_sum
-    return total
+def _row_sum_and_block_extrema(x, a, c, block_hi, block_lo):
+    """Sum of row (a, c), and the max and min of each of its blocks of ``_BLOCK`` values into
+    ``block_hi``/``block_lo`` (the row's stretch of them)."""
+    row = x[a, c]
+    row_sum = _cast(x, 0.0)
+    for j in range(block_hi.shape[0]):
+        seg = row[j * _BLOCK:(j + 1) * _BLOCK]  # loops from 0 over a view: they vectorize
+        hi = _cast(x, -np.inf)
+        lo = _cast(x, np.inf)
+        for i in range(seg.shape[0]):
+            v = _load1(seg, i)
+            row_sum += v
+            hi = _maxnum(hi, v)
+            lo = _minnum(lo, v)
+        block_hi[j] = hi
+        block_lo[j] = lo
+    return row_sum
 
 
 @njit(inline="always")
@@ -265,49 +263,63 @@ def _scale_of(stat, p_code, const, eps):
 
 # ----------------------------------------------------------------------------- rows (B > 1)
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _forward_rows(x, y, w, bias, p_code, k, const, eps, mean_out, stat_out, scale_out, pos_out):
+def _forward_rows(x, y, w, bias, p_code, k, const, eps, group, mean_out, stat_out, scale_out, pos_out):
     n_a, n_c, n_b = x.shape
     n = n_a * n_b
     per_row = (n_b + _BLOCK - 1) // _BLOCK
-    for c in prange(n_c):
-        if p_code == P_TOPK:
-            block_hi = np.empty(n_a * per_row, np.float64)
-            block_lo = np.empty(n_a * per_row, np.float64)
-            mu = _sum_and_block_extrema(x, c, block_hi, block_lo) / n
-            vals = np.full(k, -1.0)
-            where = np.zeros(k, np.int64)
-            _search_blocks(x, c, _cast(x, mu), block_hi, block_lo, vals, where)
-            stat = vals.sum() / k
-            for i in range(k):
-                pos_out[c, i] = where[i]
-        else:
-            total = 0.0
+    for g in prange((n_c + group - 1) // group):
+        c0 = g * group
+        m = min(group, n_c - c0)
+        total = np.zeros(m)
+        topk = p_code == P_TOPK
+        block_hi = np.empty((m, n_a * per_row if topk else 0))
+        block_lo = np.empty((m, n_a * per_row if topk else 0))
+        for a in range(n_a):  # the group's rows of each a are adjacent in memory: one stream
+            for j in range(m):
+                if topk:
+                    blocks = slice(a * per_row, (a + 1) * per_row)
+                    total[j] += _row_sum_and_block_extrema(x, a, c0 + j, block_hi[j, blocks], block_lo[j, blocks])
+                else:
+                    row_sum = _cast(x, 0.0)
+                    for b in range(n_b):
+                        row_sum += _load(x, a, c0 + j, b)
+                    total[j] += row_sum
+        mul = np.empty(m)
+        dev = np.zeros(m)
+        if not topk:
             for a in range(n_a):
-                row_sum = _cast(x, 0.0)
-                for b in range(n_b):
-                    row_sum += _load(x, a, c, b)
-                total += row_sum
-            mu = total / n
-            mu_c = _cast(x, mu)
-            dev = 0.0
-            for a in range(n_a):
-                row = _cast(x, 0.0)
-                for b in range(n_b):
-                    u = _load(x, a, c, b) - mu_c
-                    row += u * u if p_code == P_L2 else abs(u)
-                dev += row
-            stat = dev / n
-        scale = _scale_of(stat, p_code, const, eps)
-        mul = w[c] / scale
-        mu_c = _cast(x, mu)
-        mul_c = _cast(x, mul)
-        add_c = _cast(x, bias[c])  # (x - mu) * mul + bias: no cancellation when |mu| >> D
+                for j in range(m):
+                    mu_c = _cast(x, total[j] / n)
+                    row = _cast(x, 0.0)
+                    for b in range(n_b):
+                        u = _load(x, a, c0 + j, b) - mu_c
+                        row += u * u if p_code == P_L2 else abs(u)
+                    dev[j] += row
+        for j in range(m):
+            c = c0 + j
+            mu = total[j] / n
+            if topk:
+                vals = np.full(k, -1.0)
+                where = np.zeros(k, np.int64)
+                _search_blocks(x, c, _cast(x, mu), block_hi[j], block_lo[j], vals, where)
+                stat = vals.sum() / k
+                for i in range(k):
+                    pos_out[c, i] = where[i]
+            else:
+                stat = dev[j] / n
+            scale = _scale_of(stat, p_code, const, eps)
+            mul[j] = w[c] / scale
+            mean_out[c] = mu
+            stat_out[c] = stat
+            scale_out[c] = scale
         for a in range(n_a):
-            for b in range(n_b):
-                _store(y, a, c, b, (_load(x, a, c, b) - mu_c) * mul_c + add_c)
-        mean_out[c] = mu
-        stat_out[c] = stat
-        scale_out[c] = scale
+            for j in range(m):
+                c = c0 + j
+                mu_c = _cast(x, mean_out[c])
+                mul_c = _cast(x, mul[j])
+                add_c = _cast(x, bias[c])  # (x - mu) * mul + bias: no cancellation when |mu| >> D
+                for b in range(n_b):
+                    _store(y, a, c, b, (_load(x, a, c, b) - mu_c) * mul_c + add_c)
 
 
 @njit(inline="always")
@@ -317,72 +329,88 @@ def _sgn(x, u):
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _backward_rows(x, g, dx, w, mean, scale, p_code, const, pos, sum_g_out, sum_gx_out):
+def _backward_rows(x, g, dx, w, mean, scale, p_code, const, group, pos, sum_g_out, sum_gx_out):
     n_a, n_c, n_b = x.shape
     n = n_a * n_b
-    for c in prange(n_c):
-        signs = np.empty(n_a * n_b if p_code == P_L1 else 0, np.int8)
-        mu_c = _cast(x, mean[c])
-        sum_g = 0.0
-        sum_gu = 0.0
-        sum_sign = 0.0
+    for grp in prange((n_c + group - 1) // group):
+        c0 = grp * group
+        m = min(group, n_c - c0)
+        signs = np.empty((m, n_a * n_b if p_code == P_L1 else 0), np.int8)
+        sum_g = np.zeros(m)
+        sum_gu = np.zeros(m)
+        sum_sign = np.zeros(m)
         for a in range(n_a):
-            r_g = _cast(x, 0.0)
-            r_gu = _cast(x, 0.0)
-            r_s = 0
-            if p_code == P_L1:
-                row_s = signs[a * n_b:(a + 1) * n_b]
-                for b in range(n_b):
-                    gv = _load(g, a, c, b)
-                    u = _load(x, a, c, b) - mu_c
-                    r_g += gv
-                    r_gu += gv * u
-                    s = np.int8(u > 0) - np.int8(u < 0)
-                    row_s[b] = s
-                    r_s += np.int32(s)
-            else:
-                for b in range(n_b):
-                    gv = _load(g, a, c, b)
-                    r_g += gv
-                    r_gu += gv * (_load(x, a, c, b) - mu_c)
-            sum_g += r_g
-            sum_gu += r_gu
-            sum_sign += r_s
-        sc = scale[c]
-        sum_gx = sum_gu / sc
-        mul = w[c] / sc
+            for j in range(m):
+                c = c0 + j
+                mu_c = _cast(x, mean[c])
+                r_g = _cast(x, 0.0)
+                r_gu = _cast(x, 0.0)
+                r_s = 0
+                if p_code == P_L1:
+                    row_s = signs[j, a * n_b:(a + 1) * n_b]
+                    for b in range(n_b):
+                        gv = _load(g, a, c, b)
+                        u = _load(x, a, c, b) - mu_c
+                        r_g += gv
+                        r_gu += gv * u
+                        s = np.int8(u > 0) - np.int8(u < 0)
+                        row_s[b] = s
+                        r_s += np.int32(s)
+                else:
+                    for b in range(n_b):
+                        gv = _load(g, a, c, b)
+                        r_g += gv
+                        r_gu += gv * (_load(x, a, c, b) - mu_c)
+                sum_g[j] += r_g
+                sum_gu[j] += r_gu
+                sum_sign[j] += r_s
         # dx = mul * (g - mean(g) - coef_u * u - coef_s * (sign(u) [at the top-k] - its mean))
-        k_g = _cast(x, mul)
-        if p_code == P_L2:
-            k_0 = _cast(x, -mul * sum_g / n)
-            k_u = _cast(x, -mul * sum_gx / (n * sc))
-            for a in range(n_a):
-                for b in range(n_b):
-                    _store(dx, a, c, b, _load(g, a, c, b) * k_g + k_0 + (_load(x, a, c, b) - mu_c) * k_u)
-        elif p_code == P_L1:
-            coef_s = const * sum_gx / n
-            k_0 = _cast(x, mul * (coef_s * sum_sign / n - sum_g / n))
-            k_s = _cast(x, -mul * coef_s)
-            for a in range(n_a):
-                row_s = signs[a * n_b:(a + 1) * n_b]
-                for b in range(n_b):
-                    _store(dx, a, c, b, _load(g, a, c, b) * k_g + k_0 + _cast(x, row_s[b]) * k_s)
-        else:
-            coef_s = const * sum_gx / pos.shape[1]
-            for i in range(pos.shape[1]):
-                at = pos[c, i]
-                sum_sign += _sgn(x, _load(x, at // (n_c * n_b), c, at % n_b) - mu_c)
-            k_0 = _cast(x, mul * (coef_s * sum_sign / n - sum_g / n))
-            for a in range(n_a):
-                for b in range(n_b):
-                    _store(dx, a, c, b, _load(g, a, c, b) * k_g + k_0)
-            k_s = _cast(x, -mul * coef_s)
-            for i in range(pos.shape[1]):
-                at = pos[c, i]
-                a, b = at // (n_c * n_b), at % n_b
-                _store(dx, a, c, b, _load(g, a, c, b) * k_g + k_0 + _sgn(x, _load(x, a, c, b) - mu_c) * k_s)
-        sum_g_out[c] = sum_g
-        sum_gx_out[c] = sum_gx
+        k_g = np.empty(m)
+        k_0 = np.empty(m)
+        k_x = np.empty(m)  # the coefficient of u (L2) or of sign(u) (L1, top-k)
+        for j in range(m):
+            c = c0 + j
+            sc = scale[c]
+            sum_gx = sum_gu[j] / sc
+            mul = w[c] / sc
+            k_g[j] = mul
+            if p_code == P_L2:
+                k_0[j] = -mul * sum_g[j] / n
+                k_x[j] = -mul * sum_gx / (n * sc)
+            else:
+                coef_s = const * sum_gx / (n if p_code == P_L1 else pos.shape[1])
+                if p_code == P_TOPK:
+                    for i in range(pos.shape[1]):
+                        at = pos[c, i]
+                        sum_sign[j] += _sgn(x, _load(x, at // (n_c * n_b), c, at % n_b) - _cast(x, mean[c]))
+                k_0[j] = mul * (coef_s * sum_sign[j] / n - sum_g[j] / n)
+                k_x[j] = -mul * coef_s
+            sum_g_out[c] = sum_g[j]
+            sum_gx_out[c] = sum_gx
+        for a in range(n_a):
+            for j in range(m):
+                c = c0 + j
+                mu_c = _cast(x, mean[c])
+                kg, k0, kx = _cast(x, k_g[j]), _cast(x, k_0[j]), _cast(x, k_x[j])
+                if p_code == P_L2:
+                    for b in range(n_b):
+                        _store(dx, a, c, b, _load(g, a, c, b) * kg + k0 + (_load(x, a, c, b) - mu_c) * kx)
+                elif p_code == P_L1:
+                    row_s = signs[j, a * n_b:(a + 1) * n_b]
+                    for b in range(n_b):
+                        _store(dx, a, c, b, _load(g, a, c, b) * kg + k0 + _cast(x, row_s[b]) * kx)
+                else:
+                    for b in range(n_b):
+                        _store(dx, a, c, b, _load(g, a, c, b) * kg + k0)
+        if p_code == P_TOPK:
+            for j in range(m):
+                c = c0 + j
+                mu_c = _cast(x, mean[c])
+                kg, k0, kx = _cast(x, k_g[j]), _cast(x, k_0[j]), _cast(x, k_x[j])
+                for i in range(pos.shape[1]):
+                    at = pos[c, i]
+                    a, b = at // (n_c * n_b), at % n_b
+                    _store(dx, a, c, b, _load(g, a, c, b) * kg + k0 + _sgn(x, _load(x, a, c, b) - mu_c) * kx)
 
 
 # ----------------------------------------------------------------------------- columns (B = 1)
@@ -537,6 +565,29 @@ def _slices(a_len: int, align: int = 1) -> np.ndarray:
     return np.minimum(np.linspace(0, units, count + 1).astype(np.int64) * align, a_len)
 
 
+@functools.cache
+def _last_level_cache() -> int:
+    """Bytes of the last-level (L3) cache, 32 MiB where the system does not say."""
+    try:
+        size = os.sysconf("SC_LEVEL3_CACHE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        size = 0
+    return size if size > 0 else 32 << 20
+
+
+def _group(x3: torch.Tensor) -> int:
+    """Adjacent channels per unit of work of the rows kernels. A thread reads a group's rows of one
+    batch index as one stream (a channel alone is N short rows, measured up to 2x slower to stream
+    than memory order), and the groups in flight, one per thread, take a quarter of the L3 so the
+    later passes over them read cache. As many groups per thread for every thread."""
+    a_len, c, b_len = x3.shape
+    threads = numba.get_num_threads()
+    budget = _last_level_cache() // (4 * threads)
+    size = max(1, min(budget // (a_len * b_len * x3.element_size()), -(-c // threads)))
+    per_thread = -(-c // (threads * size))
+    return -(-c // (threads * per_thread))
+
+
 def _sync_threads() -> None:
     """Use as many threads as torch does (``normbench profile --threads`` sets torch's), and keep
     torch's count as it was: numba's OpenMP layer shares libgomp with torch, and launching its
@@ -563,7 +614,7 @@ def forward(x3: torch.Tensor, weight, bias, p: float, k: int | None, const: floa
     if b_len > 1:
         mean, stat, scale = np.empty(c), np.empty(c), np.empty(c)
         pos = np.zeros((c, kk), np.int64)
-        _forward_rows(_np(x3), _np(y3), w, b, p_code, kk, const, eps, mean, stat, scale, pos)
+        _forward_rows(_np(x3), _np(y3), w, b, p_code, kk, const, eps, _group(x3), mean, stat, scale, pos)
         pos_t = torch.from_numpy(pos) if p_code == P_TOPK else None
         return y3, *_per_channel(x3, mean, stat), torch.from_numpy(scale), pos_t
     xn = _np(x3)
@@ -604,7 +655,7 @@ def backward(x3, gy3, weight, mean, scale, p: float, k: int | None, const: float
     pos_n = np.zeros((c, 1), np.int64) if pos is None else pos.numpy()
     if b_len > 1:
         sum_g, sum_gx = np.empty(c), np.empty(c)
-        _backward_rows(_np(x3), _np(gy3), _np(dx3), w, mean_n, scale_n, p_code, const, pos_n, sum_g, sum_gx)
+        _backward_rows(_np(x3), _np(gy3), _np(dx3), w, mean_n, scale_n, p_code, const, _group(x3), pos_n, sum_g, sum_gx)
         return dx3, torch.from_numpy(sum_g), torch.from_numpy(sum_gx)
     xn, gn, bounds = _np(x3), _np(gy3), _slices(a_len)
     acc = np.float64 if x3.dtype == torch.float64 else np.float32

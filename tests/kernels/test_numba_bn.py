@@ -91,6 +91,38 @@ def test_nan_input_gives_nan_output_and_valid_positions(fmt, k):
     assert bool(torch.isfinite(gx3[:, 1]).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p,k", [(2.0, None), (1.0, None), (math.inf, None), (math.inf, 4)])
+def test_channel_groups_do_not_change_results(monkeypatch, dtype, p, k):
+    # a group is only the unit of work: every size, a last group cut short included, gives the same bits
+    g = torch.Generator().manual_seed(2)
+    x3 = torch.randn(5, 7, 300, generator=g).to(dtype)
+    gy3 = torch.randn(5, 7, 300, generator=g).to(dtype)
+    w, b = torch.rand(7, generator=g) + 0.5, torch.randn(7, generator=g)
+    results = []
+    for size in (1, 3, 7):
+        monkeypatch.setattr(numba_bn, "_group", lambda x3, size=size: size)
+        y3, mean, stat, scale, pos = numba_bn.forward(x3, w, b, p, k, 1.0, 1e-5)
+        grads = numba_bn.backward(x3, gy3, w, mean, scale, p, k, 1.0, pos)
+        results.append([y3, mean, stat, scale, *([] if pos is None else [pos]), *grads])
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            assert torch.equal(got, want)
+
+
+def test_group_sizes_fit_the_cache_and_share_channels_evenly():
+    # 32x64x56x56 bf16: 200 KB per channel; the groups of all threads take a quarter of the L3
+    x3 = torch.empty(32, 64, 3136, dtype=torch.bfloat16)
+    size = numba_bn._group(x3)
+    import numba
+
+    threads = numba.get_num_threads()
+    assert 1 <= size * 200_704 * threads <= max(numba_bn._last_level_cache() // 4, 200_704 * threads)
+    groups = -(-64 // size)
+    assert groups % threads == 0 or groups < threads
+    assert numba_bn._group(torch.empty(2, 67, 5)) == -(-67 // threads)  # small: one group per thread
+
+
 def test_threads_follow_torch():
     import numba
 
