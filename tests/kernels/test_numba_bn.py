@@ -61,6 +61,17 @@ def test_topk_search_finds_the_largest_deviations_with_ties(fmt, k):
         torch.testing.assert_close(stat[c].float(), want[c].mean(), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("k", [1, 3, numba_bn._INSERT_K, numba_bn._INSERT_K + 1, 150])
+def test_floor_is_the_kth_largest_block_bound(k):
+    # by insertion up to _INSERT_K, by a partition above it; ties and fewer blocks than k included
+    g = torch.Generator().manual_seed(3)
+    for bound in (torch.randn(200, generator=g), torch.randint(0, 5, (200,), generator=g).double(),
+                  torch.arange(200.0), torch.randn(100, generator=g)):
+        b = bound.double().numpy()
+        want = -1.0 if len(b) < k else float(torch.from_numpy(b).sort(descending=True).values[k - 1])
+        assert numba_bn._floor(b, k) == want
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("p,k", [(2.0, None), (1.0, None), (math.inf, None), (math.inf, 4)])
 def test_constant_channel_gives_bias_and_finite_gradients(fmt, p, k):
