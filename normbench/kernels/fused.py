@@ -15,7 +15,7 @@ The formulation is shaped for memory traffic (docs/performance.md has the byte m
   per channel by a scatter (the Triton kernels count tied maxima in the two passes instead).
 
 On the CPU the numba kernels of :mod:`normbench.kernels.numba_bn` run it (float32, float64 and
-bfloat16; one thread per channel, the channel kept in cache between passes); on CUDA the Triton
+bfloat16; a thread per group of adjacent channels, kept in cache between passes); on CUDA the Triton
 kernels of :mod:`normbench.kernels.triton_bn`. Without numba, and for float16 on the CPU, the torch
 stages below run, each compiled with ``torch.compile`` (once per shape, dtype and p; compile time
 stays out of the timed numbers of ``normbench profile``). :func:`set_compile` turns compilation off
