@@ -149,7 +149,7 @@ def _cast_impl(arr, v):
 
 
 _CHUNK = 16  # top-k search: values whose maximum is taken before a value-by-value look
-_INSERT_K = 32  # top-k: the largest k whose floor is found by insertion rather than a partition
+_INSERT_K = 32  # top-k: the largest k selected by insertion rather than a partition or a sort
 _BLOCK = 256  # top-k: the extent of the block extrema that bound where the k largest can be
 
 
@@ -184,6 +184,22 @@ def _block_bounds(x, mu_c, hi, lo):
 
 
 @njit(inline="always")
+def _insert(top, at, v, pos):
+    """Put ``v`` (met at ``pos``) into ``top``, the k largest so far in descending order (``at``
+    their positions), when it beats the last; an equal value goes behind the ones met before it."""
+    k = top.shape[0]
+    if not v > top[k - 1]:
+        return
+    i = k - 1
+    while i > 0 and top[i - 1] < v:
+        top[i] = top[i - 1]
+        at[i] = at[i - 1]
+        i -= 1
+    top[i] = v
+    at[i] = pos
+
+
+@njit(inline="always")
 def _floor(bound, k):
     """The k-th largest block bound: k values (one per block) reach it, so no deviation below it
     is among the k largest. -1 (no floor) with fewer than k blocks. For small k an insertion into
@@ -195,31 +211,45 @@ def _floor(bound, k):
         return bound.max()
     if k > _INSERT_K:
         return np.partition(bound, blocks - k)[blocks - k]
-    top = np.full(k, -np.inf)  # descending
+    top = np.full(k, -np.inf)
+    at = np.empty(k, np.int64)
     for j in range(blocks):
-        v = bound[j]
-        if v > top[k - 1]:
-            i = k - 1
-            while i > 0 and top[i - 1] < v:
-                top[i] = top[i - 1]
-                i -= 1
-            top[i] = v
+        _insert(top, at, bound[j], j)
     return top[k - 1]
 
 
 @njit(inline="always")
-def _candidate_space(bound, low, per_block):
-    """Room for every value of the blocks whose bound reaches ``low``: deviations and offsets."""
+def _candidate_space(bound, low, per_block, k):
+    """Room for every value of the blocks whose bound reaches ``low``: deviations and offsets (none
+    for k <= ``_INSERT_K``: :func:`_meet` inserts those values as they are met)."""
     searched = 0
-    for j in range(bound.shape[0]):
-        searched += bound[j] >= low
+    if k > _INSERT_K:
+        for j in range(bound.shape[0]):
+            searched += bound[j] >= low
     return np.empty(searched * per_block), np.empty(searched * per_block, np.int64)
 
 
 @njit(inline="always")
+def _meet(d, pos, vals, where, cand_d, cand_at, m):
+    """A value that reaches the floor, met in memory order: inserted among the k largest so far
+    for small k, else kept as the m-th candidate for :func:`_take_largest`. The new count of
+    candidates."""
+    if vals.shape[0] <= _INSERT_K:
+        _insert(vals, where, d, pos)
+        return m
+    cand_d[m] = d
+    cand_at[m] = pos
+    return m + 1
+
+
+@njit(inline="always")
 def _take_largest(cand_d, cand_at, vals, where):
-    """The k largest candidates (met in memory order) into ``vals``/``where``; the sort is stable,
-    so ties keep the first positions."""
+    """For k > ``_INSERT_K``, the k largest candidates (met in memory order) into ``vals``/``where``,
+    largest first, by a stable sort, so ties keep the first positions (smaller k are already
+    there: inserted as met; numba's sort of every value of a channel, when fewer blocks than k
+    leave no floor, cost 20 us a channel)."""
+    if vals.shape[0] <= _INSERT_K:
+        return
     order = np.argsort(-cand_d, kind="mergesort")
     for i in range(min(vals.shape[0], cand_d.shape[0])):
         vals[i] = cand_d[order[i]]
@@ -232,16 +262,23 @@ def _search_blocks(x, c, mu_c, block_hi, block_lo, vals, where):
     ``where`` (``vals`` filled with -1). A block's largest deviation is ``max(hi - mu, mu - lo)``,
     and the k-th largest such bound is a floor for the k-th largest deviation. So only the values
     that reach it are candidates: they are collected in memory order from the blocks whose bound
-    reaches it (value by value only in the chunks of ``_CHUNK`` values whose maximum does), and
-    the k largest taken from them by a stable sort, so ties go to the first positions. k = 1 is
-    the maximum: the first value that reaches it."""
+    reaches it (value by value only in the chunks of ``_CHUNK`` values whose maximum does, and
+    beats the k-th largest met so far), and the k largest kept, ties at the first positions
+    (:func:`_meet`). k = 1 is the maximum: the first value that reaches it."""
     n_a, n_c, n_b = x.shape
     per_row = (n_b + _BLOCK - 1) // _BLOCK
     k = vals.shape[0]
     bound = _block_bounds(x, mu_c, block_hi, block_lo)
     low = _floor(bound, k)
-    cand_d, cand_at = _candidate_space(bound, low, _BLOCK)
+    cand_d, cand_at = _candidate_space(bound, low, _BLOCK, k)
     m = 0
+    if low < 0:  # fewer blocks than k: every value is a candidate, met row by row
+        for a in range(n_a):
+            row = x[a, c]
+            for b in range(n_b):
+                m = _meet(abs(_load1(row, b) - mu_c), (a * n_c + c) * n_b + b, vals, where, cand_d, cand_at, m)
+        _take_largest(cand_d[:m], cand_at, vals, where)
+        return
     for j in range(bound.shape[0]):
         if not bound[j] >= low:
             continue
@@ -252,7 +289,7 @@ def _search_blocks(x, c, mu_c, block_hi, block_lo, vals, where):
             top = _cast(x, -1.0)
             for i in range(chunk.shape[0]):
                 top = _maxnum(top, abs(_load1(chunk, i) - mu_c))
-            if top < low:
+            if top < low or not top > vals[k - 1]:
                 continue
             at0 = (a * n_c + c) * n_b + b0 + q
             for i in range(chunk.shape[0]):
@@ -262,9 +299,7 @@ def _search_blocks(x, c, mu_c, block_hi, block_lo, vals, where):
                         vals[0] = d
                         where[0] = at0 + i
                         return
-                    cand_d[m] = d
-                    cand_at[m] = at0 + i
-                    m += 1
+                    m = _meet(d, at0 + i, vals, where, cand_d, cand_at, m)
     if k == 1:  # NaN input: nothing compares; any position of the channel
         where[0] = c * n_b
         return
@@ -477,13 +512,13 @@ def _col_topk(x, mean, hi, lo, vals, where):
     """Per channel, the k largest |x - mu| and their flat offsets into vals/where of shape (C, k)
     (filled with -1 and 0 by the caller), as the rows kernels search: the k-th largest bound of
     the channel's row blocks (from ``hi``/``lo`` of :func:`_col_sums`) is a floor, the values of
-    the blocks that reach it are the candidates, and a stable sort keeps ties at the first rows."""
+    the blocks that reach it are the candidates, and ties stay at the first rows (:func:`_meet`)."""
     n_a, n_c = x.shape[0], x.shape[1]
     for c in prange(n_c):
         mu_c = _cast(x, mean[c])
         bound = _block_bounds(x, mu_c, hi[:, c], lo[:, c])
         low = _floor(bound, vals.shape[1])
-        cand_d, cand_at = _candidate_space(bound, low, _COL_BLOCK)
+        cand_d, cand_at = _candidate_space(bound, low, _COL_BLOCK, vals.shape[1])
         m = 0
         for j in range(bound.shape[0]):
             if not bound[j] >= low:
@@ -491,9 +526,7 @@ def _col_topk(x, mean, hi, lo, vals, where):
             for a in range(j * _COL_BLOCK, min((j + 1) * _COL_BLOCK, n_a)):
                 d = abs(_load(x, a, c, 0) - mu_c)
                 if d >= low:
-                    cand_d[m] = d
-                    cand_at[m] = a * n_c + c
-                    m += 1
+                    m = _meet(d, a * n_c + c, vals[c], where[c], cand_d, cand_at, m)
         _take_largest(cand_d[:m], cand_at, vals[c], where[c])
 
 
