@@ -17,10 +17,10 @@ throughout for float64 input). bfloat16 travels as its int16 bits and is widened
 (``x << 16``) and rounded to nearest-even on store, as torch rounds. Max and min use LLVM's
 ``maxnum``/``minnum`` so that their reductions vectorize (numba's ``max`` does not).
 
-Top-k (the maximum is top-1): the rows kernels bound each block's largest deviation by its max
-and min and search only the values that reach the k-th largest bound (:func:`_search_blocks`);
-the columns kernels keep each slice's k largest in a small array that a value visits only when it
-beats the smallest kept one. Ties go to the first positions in both.
+Top-k (the maximum is top-1): both layouts bound each block's largest deviation by its max and
+min (blocks of a row's values, or of rows of a channel) and search only the values that reach the
+k-th largest bound (:func:`_search_blocks`); small k are kept by insertion as values are met,
+larger k by a stable sort of the candidates. Ties go to the first positions in both.
 """
 
 from __future__ import annotations
