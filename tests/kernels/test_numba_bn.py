@@ -121,17 +121,18 @@ def test_channel_groups_do_not_change_results(monkeypatch, dtype, p, k):
             assert torch.equal(got, want)
 
 
-def test_group_sizes_fit_the_cache_and_share_channels_evenly():
-    # 32x64x56x56 bf16: 200 KB per channel; the groups of all threads take a quarter of the L3
-    x3 = torch.empty(32, 64, 3136, dtype=torch.bfloat16)
-    size = numba_bn._group(x3)
-    import numba
-
-    threads = numba.get_num_threads()
-    assert 1 <= size * 200_704 * threads <= max(numba_bn._last_level_cache() // 4, 200_704 * threads)
-    groups = -(-64 // size)
-    assert groups % threads == 0 or groups < threads
-    assert numba_bn._group(torch.empty(2, 67, 5)) == -(-67 // threads)  # small: one group per thread
+@pytest.mark.parametrize("threads,shape,dtype,size", [
+    (2, (32, 64, 3136), torch.bfloat16, 16),  # 200 KB a channel: 4 MB (a quarter of 32 MB over 2 threads) is 20
+    (2, (32, 64, 3136), torch.float32, 8),  # rounded down so that each thread gets 4 groups
+    (2, (64, 256, 196), torch.bfloat16, 128),  # small channels: one group per thread
+    (2, (2, 67, 5), torch.float32, 34),
+    (2, (256, 64, 3136), torch.float32, 1),  # a channel larger than the share: one at a time
+    (3, (32, 64, 3136), torch.bfloat16, 11),  # 13 fit; 6 groups of 11 give each of 3 threads two
+])
+def test_group_size_fits_the_cache_and_shares_channels_evenly(monkeypatch, threads, shape, dtype, size):
+    monkeypatch.setattr(numba_bn, "_last_level_cache", lambda: 32 << 20)
+    monkeypatch.setattr(numba_bn.numba, "get_num_threads", lambda: threads)
+    assert numba_bn._group(torch.empty(shape, dtype=dtype)) == size
 
 
 def test_threads_follow_torch():
