@@ -625,9 +625,10 @@ def _last_level_cache() -> int:
 
 def _group(x3: torch.Tensor) -> int:
     """Adjacent channels per unit of work of the rows kernels. A thread reads a group's rows of one
-    batch index as one stream (a channel alone is N short rows, measured up to 2x slower to stream
+    batch index as one stream (a channel alone is N short rows, measured up to 2x slower to read
     than memory order), and the groups in flight, one per thread, take a quarter of the L3 so the
-    later passes over them read cache. As many groups per thread for every thread."""
+    later passes over them read cache. The size is rounded so that the threads get the same number
+    of groups where the channel count allows."""
     a_len, c, b_len = x3.shape
     threads = numba.get_num_threads()
     budget = _last_level_cache() // (4 * threads)
