@@ -334,12 +334,13 @@ def _forward_rows(x, y, w, bias, p_code, k, const, eps, group, mean_out, stat_ou
                     for b in range(n_b):
                         row_sum += _load(x, a, c0 + j, b)
                     total[j] += row_sum
+        mean = total / n
         mul = np.empty(m)
         dev = np.zeros(m)
         if not topk:
             for a in range(n_a):
                 for j in range(m):
-                    mu_c = _cast(x, total[j] / n)
+                    mu_c = _cast(x, mean[j])
                     row = _cast(x, 0.0)
                     for b in range(n_b):
                         u = _load(x, a, c0 + j, b) - mu_c
@@ -347,11 +348,10 @@ def _forward_rows(x, y, w, bias, p_code, k, const, eps, group, mean_out, stat_ou
                     dev[j] += row
         for j in range(m):
             c = c0 + j
-            mu = total[j] / n
             if topk:
                 vals = np.full(k, -1.0)
                 where = np.zeros(k, np.int64)
-                _search_blocks(x, c, _cast(x, mu), block_hi[j], block_lo[j], vals, where)
+                _search_blocks(x, c, _cast(x, mean[j]), block_hi[j], block_lo[j], vals, where)
                 stat = vals.sum() / k
                 for i in range(k):
                     pos_out[c, i] = where[i]
@@ -359,13 +359,13 @@ def _forward_rows(x, y, w, bias, p_code, k, const, eps, group, mean_out, stat_ou
                 stat = dev[j] / n
             scale = _scale_of(stat, p_code, const, eps)
             mul[j] = w[c] / scale
-            mean_out[c] = mu
+            mean_out[c] = mean[j]
             stat_out[c] = stat
             scale_out[c] = scale
         for a in range(n_a):
             for j in range(m):
                 c = c0 + j
-                mu_c = _cast(x, mean_out[c])
+                mu_c = _cast(x, mean[j])
                 mul_c = _cast(x, mul[j])
                 add_c = _cast(x, bias[c])  # (x - mu) * mul + bias: no cancellation when |mu| >> D
                 for b in range(n_b):
