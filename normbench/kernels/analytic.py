@@ -11,10 +11,12 @@ Backward, with ``g = dL/dy * weight`` and ``S = sum(g * y)`` over a row of n val
     dL/du_j = (g_j - S * dD/du_j) / D
         p=2:   dD/du_j = y_j / n                     ->  (g - y * mean(g y)) / D
         p=1:   dD/du_j = C1 sign(u_j) / n            ->  (g - C1 sign(y) mean(g y)) / D
-        p=inf: dD/du_j = Ck/k sign(u_j) [j in top-k] ->  (g - Ck n/k sign(y) mask mean(g y)) / D
+        p=inf: dD/du_j = Ck/k sign(u_j) w_j          ->  (g - Ck n/k sign(y) w mean(g y)) / D
     dL/dx = dL/du - mean(dL/du)       (with centering; u_j depends on every x through mu)
 
-For the maximum (k=None) ties share the gradient equally, as autograd does for amax.
+``w`` are the tie weights of :func:`~normbench.kernels.reference.tie_weights` (the indicator of
+the k largest |u| without ties; tied values at the k-th largest share what is left), recomputed in
+backward from ``|u|`` and the saved threshold (the k-th largest |u|, one value per row).
 """
 
 from __future__ import annotations
@@ -28,10 +30,9 @@ from normbench.kernels.reference import (
     affine,
     compute_dtype,
     dispersion_statistic,
-    flatten_reduced,
     reduced_numel,
     scale_from_statistic,
-    unflatten_reduced,
+    tie_weights,
 )
 
 
@@ -64,13 +65,13 @@ class LpNormFunction(torch.autograd.Function):
         xc = x.to(compute_dtype(x.dtype))
         mean = xc.mean(dims, keepdim=True) if center else None
         u = xc - mean if center else xc
-        stat, idx = dispersion_statistic(u, dims, p, k)
+        stat, threshold = dispersion_statistic(u, dims, p, k)
         n = reduced_numel(x.shape, dims)
-        scale = scale_from_statistic(stat, p, k, n, eps)
+        scale = scale_from_statistic(stat, p, k, n, eps, center)
         y = affine(u / scale, weight, bias).to(x.dtype)
-        ctx.dims, ctx.p, ctx.k, ctx.n = tuple(dims), p, k, n
+        ctx.dims, ctx.p, ctx.k, ctx.n, ctx.center = tuple(dims), p, k, n, center
         ctx.bias = None if bias is None else (bias.shape, bias.dtype)
-        ctx.save_for_backward(x, weight, mean, scale, stat, idx)
+        ctx.save_for_backward(x, weight, mean, scale, stat, threshold)
         if mean is not None:
             ctx.mark_non_differentiable(mean, stat)
         else:
@@ -79,7 +80,7 @@ class LpNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor, _grad_mean, _grad_stat):
-        x, weight, mean, scale, stat, idx = ctx.saved_tensors
+        x, weight, mean, scale, stat, threshold = ctx.saved_tensors
         dims, p, k, n = ctx.dims, ctx.p, ctx.k, ctx.n
         cdt = compute_dtype(x.dtype)
         xc = x.to(cdt)
@@ -100,19 +101,11 @@ class LpNormFunction(torch.autograd.Function):
         if p == 2:
             du = g - y * mean_gy
         elif p == 1:
-            du = g - y.sign() * (dispersion_constant(1, n) * mean_gy)
+            du = g - y.sign() * (dispersion_constant(1, n, None, ctx.center) * mean_gy)
         else:
-            a = u.abs()
-            if k is None:
-                mask = (a == stat).to(cdt)
-                mask = mask / mask.sum(dims, keepdim=True)
-                kk = 1
-            else:
-                flat = torch.zeros_like(flatten_reduced(a, dims)).scatter_(-1, idx, 1.0)
-                mask = unflatten_reduced(flat, a, dims)
-                kk = k
-            coef = mean_gy * (dispersion_constant(p, n, k) * n / kk)
-            du = g - y.sign() * mask * coef
+            weights = tie_weights(u.abs(), threshold, dims, k)
+            coef = mean_gy * (dispersion_constant(p, n, k, ctx.center) * n / (k or 1))
+            du = g - y.sign() * weights * coef
         du = du / scale
         if mean is not None:
             du = du - du.mean(dims, keepdim=True)

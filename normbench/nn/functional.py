@@ -24,8 +24,9 @@ from normbench.kernels.reference import (
     affine,
     check_pk,
     lp_normalize,
+    bessel,
     reduced_numel,
-    sigma_estimate_factor,
+    running_variance,
 )
 
 __all__ = [
@@ -90,10 +91,12 @@ def lp_batch_norm(
     position. Same arguments as ``torch.nn.functional.batch_norm`` plus ``p``, ``k`` and ``impl``.
 
     In training the batch statistics normalize and, when given, ``running_mean`` and
-    ``running_var`` are updated in place with ``momentum``; ``running_var`` tracks the squared
-    sigma estimate of the dispersion (bias-corrected like torch's), for every p. Otherwise the
-    running statistics normalize: ``weight * (x - running_mean) / sqrt(running_var + eps) + bias``,
-    the same for every p, so p=2 is exactly torch's BatchNorm in both modes.
+    ``running_var`` are updated in place with ``momentum``; ``running_var`` tracks, for every p, what
+    makes ``sqrt(running_var + eps)`` the training dispersion D with the spread bias-corrected as
+    torch does (:func:`~normbench.kernels.reference.running_variance`). Otherwise the running
+    statistics normalize: ``weight * (x - running_mean) / sqrt(running_var + eps) + bias``, the same
+    for every p, so p=2 is exactly torch's BatchNorm in both modes and eval reproduces training once
+    the running statistics have converged, for every p.
     """
     if input.dim() < 2:
         raise ValueError(f"batch-norm expects (N, C, ...) input with 2 to 5 dimensions, got shape {tuple(input.shape)}")
@@ -131,23 +134,22 @@ def lp_batch_norm(
             input, _channel_view(weight, input.dim()), _channel_view(bias, input.dim()), dims, p, k, eps, True, impl
         )
     if running_mean is not None and running_var is not None:
-        _update_running(running_mean, running_var, mean.reshape(-1), stat.reshape(-1), *check_pk(p, k), n, momentum)
+        _update_running(running_mean, running_var, mean.reshape(-1), stat.reshape(-1), *check_pk(p, k), n, momentum, eps)
     return y
 
 
 @torch.no_grad()
 def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
-                    p: float, k: int | None, n: int, momentum: float) -> None:
+                    p: float, k: int | None, n: int, momentum: float, eps: float) -> None:
     """``running = (1 - momentum) * running + momentum * batch``, in place, for the mean and for
-    the statistic's sigma^2 estimate (:func:`~normbench.kernels.reference.sigma_estimate_factor`).
-    Each in two fused ops without temporaries: this runs on every training call, where small ops
-    cost more than the arithmetic."""
-    factor = sigma_estimate_factor(p, k, n)
+    :func:`~normbench.kernels.reference.running_variance`. p=2 in two fused ops without
+    temporaries (torch's update; this runs on every training call, where small ops cost more
+    than the arithmetic); p != 2 from a per-channel vector computed in float64."""
     running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
     if p == 2:
-        running_var.mul_(1 - momentum).add_(stat, alpha=momentum * factor)
+        running_var.mul_(1 - momentum).add_(stat, alpha=momentum * bessel(n))
     else:
-        running_var.mul_(1 - momentum).addcmul_(stat, stat, value=momentum * factor)
+        running_var.mul_(1 - momentum).add_(running_variance(stat, p, k, n, eps).to(running_var.dtype), alpha=momentum)
 
 
 def _check_normalized_shape(x: torch.Tensor, normalized_shape: Sequence[int]) -> tuple[int, ...]:

@@ -5,9 +5,11 @@ import torch
 
 from normbench.kernels.constants import (
     C1,
+    centered_topk_mean,
     dispersion_constant,
     expected_topk_mean,
     paper_linf_constant,
+    rms_mean,
     topk_constant,
 )
 
@@ -31,21 +33,65 @@ def test_closed_forms():
     assert C1 == pytest.approx(math.sqrt(math.pi / 2))
 
 
-def test_constants_are_unbiased_for_gaussian_scale():
-    g = torch.Generator().manual_seed(1)
-    sigma, n, k = 3.0, 1024, 8
-    x = sigma * torch.randn(2000, n, generator=g, dtype=torch.float64)
-    d1 = C1 * x.abs().mean(1)
-    dk = topk_constant(n, k) * x.abs().topk(k, dim=1).values.mean(1)
-    assert d1.mean().item() == pytest.approx(sigma, rel=0.01)
-    assert dk.mean().item() == pytest.approx(sigma, rel=0.01)
+def _sample(n: int, seed: int, trials: int | None = None) -> torch.Tensor:
+    """Gaussian rows with an arbitrary mean and scale (the constants must not depend on either)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    trials = trials or max(20_000, 4_000_000 // n)
+    return 7.0 + 3.0 * torch.randn(trials, n, generator=g, dtype=torch.float64)
+
+
+PK_N = [(p, k, n) for n in (4, 5, 8, 16, 31, 32, 33, 64, 500) for p, k in ((1, None), (math.inf, None),
+        (math.inf, 2), (math.inf, 3), (math.inf, 10), (math.inf, n // 2), (math.inf, n)) if k is None or k <= n]
+
+
+@pytest.mark.parametrize("p,k,n", PK_N)
+def test_dispersion_matches_what_l2_divides_by_at_every_n(p, k, n):
+    """For Gaussian input, C * statistic averages sqrt(mean(u^2)) (what L2 batch-norm divides by)
+    over the same n values centered at their mean, to 1% for every n >= 4: Monte Carlo of the
+    centered statistic, independent of the quadrature and sampling inside the constants."""
+    x = _sample(n, n * 7 + (k or 1))
+    u = x - x.mean(1, keepdim=True)
+    a = u.abs()
+    stat = a.mean(1) if p == 1 else a.topk(k or 1, dim=1).values.mean(1)
+    l2 = u.pow(2).mean(1).sqrt()
+    assert (dispersion_constant(p, n, k) * stat).mean().item() == pytest.approx(l2.mean().item(), rel=0.01)
+
+
+@pytest.mark.parametrize("p,k,n", [(1, None, 4), (1, None, 8), (math.inf, None, 4), (math.inf, 3, 8), (math.inf, 10, 64)])
+def test_uncentered_dispersion_matches_rms_norm(p, k, n):
+    """Without centering (RMS-norm) the target is sqrt(mean(x^2)) of zero-mean Gaussian rows."""
+    x = _sample(n, n + 3) - 7.0
+    a = x.abs()
+    stat = a.mean(1) if p == 1 else a.topk(k or 1, dim=1).values.mean(1)
+    rms = x.pow(2).mean(1).sqrt()
+    assert (dispersion_constant(p, n, k, center=False) * stat).mean().item() == pytest.approx(rms.mean().item(), rel=0.01)
+
+
+@pytest.mark.parametrize("n,k", [(4, 1), (4, 2), (8, 1), (16, 1), (16, 5), (32, 1), (33, 1), (64, 3)])
+def test_centered_topk_mean_matches_monte_carlo(n, k):
+    x = _sample(n, 100 + n + k, trials=400_000) / 3.0
+    mc = (x - x.mean(1, keepdim=True)).abs().topk(k, dim=1).values.mean().item()
+    assert centered_topk_mean(n, k) == pytest.approx(mc, rel=0.004)
+
+
+def test_rms_mean_closed_forms():
+    # n = 2 centered: sqrt(mean(u^2)) = |x1 - x2| / 2 with x1 - x2 ~ N(0, 2): E = 1 / sqrt(pi)
+    assert rms_mean(2) == pytest.approx(1 / math.sqrt(math.pi), rel=1e-12)
+    # n = 1 uncentered: E|x| = sqrt(2 / pi); large n: 1 - 3 / (4n) + O(1/n^2)
+    assert rms_mean(1, center=False) == pytest.approx(math.sqrt(2 / math.pi), rel=1e-12)
+    assert rms_mean(10_000) == pytest.approx(1 - 3 / 40_000, rel=1e-7)
 
 
 def test_dispersion_constant_per_p():
     assert dispersion_constant(2, 100) == 1.0
-    assert dispersion_constant(1, 100) == C1
+    # p=1 centered has a closed form: rms_mean(n) / (sqrt(2/pi) sqrt((n-1)/n)); n = 4 gives 2/sqrt(3)
+    assert dispersion_constant(1, 4) == pytest.approx(2 / math.sqrt(3), rel=1e-12)
+    assert dispersion_constant(1, 10**7) == pytest.approx(C1, rel=1e-6)
     assert dispersion_constant(math.inf, 100) == topk_constant(100, 1)
     assert dispersion_constant(math.inf, 100, 5) == topk_constant(100, 5)
+    assert dispersion_constant(math.inf, 100, 1) == dispersion_constant(math.inf, 100)
+    # at large n centering and the target's bias vanish: 1 / E[max of n half-normal]
+    assert dispersion_constant(math.inf, 65536) == pytest.approx(1 / expected_topk_mean(65536, 1), rel=1e-4)
 
 
 def test_paper_constant_under_scales_as_documented():
