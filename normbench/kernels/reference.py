@@ -99,9 +99,9 @@ def tie_weights(a: torch.Tensor, t: torch.Tensor, dims: Sequence[int], k: int | 
     kk = 1 if k is None else k
     above = a > t
     at = a == t
-    g = above.sum(dims, keepdim=True)
-    e = at.sum(dims, keepdim=True).clamp(min=1)  # 0 only for a row of NaN (nothing compares)
-    return above.to(a.dtype) + at.to(a.dtype) * ((kk - g) / e).to(a.dtype)
+    g = above.sum(dims, keepdim=True).to(a.dtype)
+    e = at.sum(dims, keepdim=True).clamp(min=1).to(a.dtype)  # 0 only for a row of NaN (nothing compares)
+    return above.to(a.dtype) + at.to(a.dtype) * ((kk - g) / e)
 
 
 def dispersion_statistic(

@@ -179,9 +179,11 @@ class Emulator:
         return self._track(_Amax.apply(a, self, tuple(dims), keepdim))
 
     def topk_mean_last(self, a: torch.Tensor, k: int) -> torch.Tensor:
-        """Mean of the k largest values along the last dimension, keepdim (selection is exact)."""
-        values, _ = a.topk(k, dim=-1, sorted=False)
-        return self.mean(values, (-1,), keepdim=True)
+        """Mean of the k largest values along the last dimension, keepdim (selection is exact).
+        The gradient follows normbench's tie rule: the values above the k-th largest t get their
+        own share, and the shares of the selected values equal to t are pooled and split equally
+        among every value equal to t (:func:`normbench.kernels.reference.tie_weights`)."""
+        return self.mean(_TopkValues.apply(a, self, k), (-1,), keepdim=True)
 
 
 class _Round(torch.autograd.Function):
@@ -300,3 +302,26 @@ class _Amax(torch.autograd.Function):
         ties = mask.sum(ctx.dims, keepdim=True)
         share = ctx.emu.round(g / ties)
         return torch.where(mask, share, torch.zeros_like(share)), None, None, None
+
+
+class _TopkValues(torch.autograd.Function):
+    """The k largest values along the last dimension (unsorted); backward by the tie rule."""
+
+    @staticmethod
+    def forward(ctx, a, emu, k):
+        values, idx = a.topk(k, dim=-1, sorted=False)
+        threshold = values.amin(-1, keepdim=True)
+        ctx.emu = emu
+        ctx.save_for_backward(a, idx, threshold)
+        return values
+
+    @staticmethod
+    def backward(ctx, g):
+        a, idx, threshold = ctx.saved_tensors
+        above = a.gather(-1, idx) > threshold  # selected slots strictly above the k-th largest
+        grad = torch.zeros_like(a).scatter_(-1, idx, torch.where(above, g, torch.zeros_like(g)))
+        tied = a == threshold
+        pooled = torch.where(above, torch.zeros_like(g), g).sum(-1, keepdim=True)
+        share = ctx.emu.round(pooled / tied.sum(-1, keepdim=True).clamp(min=1))
+        return torch.where(tied, share, grad), None, None
+

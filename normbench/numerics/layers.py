@@ -141,7 +141,7 @@ def native_forward(
             stat = emu.amax(a, (-1,), keepdim=True)
         else:
             stat = emu.topk_mean_last(a, k)
-        scale = emu.add_scalar(emu.scale(stat, dispersion_constant(p, n, k)), eps)
+        scale = emu.add_scalar(emu.scale(stat, dispersion_constant(p, n, k, center)), eps)
     return emu.div(u, scale), stat, scale
 
 
