@@ -91,7 +91,8 @@ def run_equivalence(
     for c in checks:
         check_writer.write({**c, "status": "ok", "reason": None})
 
-    figures = draw_all(records, checks, out, formats)
+    verdicts = {m: verdict(records, m) for m in METRICS}
+    figures = draw_all(records, checks, out, formats, verdicts[PRIMARY_METRIC])
     return Outcome(
         records=records,
         checks=checks,
@@ -99,6 +100,6 @@ def run_equivalence(
         figures=figures,
         results_path=writer.path,
         table=regime_table(records),
-        verdicts={m: verdict(records, m) for m in METRICS},
+        verdicts=verdicts,
         trained=len({r["config_hash"] for r in records if not r["cached"] and r["status"] == "ok"}),
     )

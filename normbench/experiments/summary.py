@@ -1,14 +1,20 @@
 """Final numbers per regime and the verdict on the paper's claim, computed from run records.
 
 The verdict compares, per protocol and metric, the final-epoch value of ``wd_off`` and of the
-corrected regimes (``wd_off_corrected``, ``wd_off_corrected_grad``) with ``wd_on`` seed by seed (same seed: same initialization and batch order).
+corrected regimes (``wd_off_corrected``, ``wd_off_corrected_grad``) with ``wd_on`` seed by seed
+(same seed: same initialization and batch order); differences are plain (not log) differences.
 
 - *seed noise* is the seed-to-seed standard deviation of ``wd_on`` (sample std, needs 2 seeds);
+- a regime that diverged on any seed is *unstable* (``"unstable: diverged on 1 of 3 seeds"``,
+  counted over its trained runs), whatever its other seeds do: it never departs, closes or
+  overshoots;
 - WD off *departs* from WD on when every seed's difference has the same sign and the mean
-  difference exceeds twice the seed noise;
+  difference exceeds twice the seed noise (``"departs"``, ``"does not depart"``);
 - the correction *closes* the gap when its mean difference from WD on is within twice the seed
-  noise, *narrows* it when it is smaller than WD off's but not within noise, and otherwise does
-  not; a corrected run that diverged counts against it and is reported.
+  noise; it *overshoots* when every seed ends past WD on, on the side opposite to WD off, and the
+  mean difference exceeds twice the noise; it *narrows* the gap when its mean difference is smaller
+  than WD off's, and otherwise *does not close* it. ``"n/a"`` when there is nothing to judge
+  (one seed of ``wd_on``, no finite run, or WD off unstable).
 """
 
 from __future__ import annotations
@@ -68,8 +74,36 @@ def _by_seed(records: Sequence[dict[str, Any]], protocol: str, regime: str) -> d
     return {r["seed"]: r for r in records if r["protocol"] == protocol and r["regime"] == regime}
 
 
+def unstable(diverged: int, runs: int) -> str:
+    """The verdict of a regime that diverged on ``diverged`` of its ``runs`` trained seeds."""
+    return f"unstable: diverged on {diverged} of {runs} seed{'s' if runs != 1 else ''}"
+
+
+def _diffs(runs: dict[int, dict[str, Any]], on_vals: dict[int, float | None], metric: str) -> list[float]:
+    """Per seed, the final value minus WD on's, over the seeds where both are finite."""
+    out = []
+    for s, r in runs.items():
+        v = _final(r, metric)
+        if v is not None and on_vals.get(s) is not None:
+            out.append(v - on_vals[s])
+    return out
+
+
+def _counts(runs: dict[int, dict[str, Any]]) -> tuple[int, int]:
+    """(diverged, trained): skipped runs (no WD-on norms to follow) were never trained."""
+    trained = [r for r in runs.values() if r.get("status") != "skipped"]
+    return sum(bool(r.get("diverged")) for r in trained), len(trained)
+
+
 def verdict(records: Sequence[dict[str, Any]], metric: str = "train_loss") -> list[dict[str, Any]]:
-    """Per protocol with ``wd_on`` and ``wd_off`` runs: the gap, the noise and the verdict in words."""
+    """Per protocol with ``wd_on`` and ``wd_off`` runs: the gap, the noise and the verdict in words.
+
+    Each entry has ``departs`` (True, False, or None when it cannot be judged), ``wd_off`` and,
+    per correction run, ``corrections[regime]``: ``{"gap", "verdict", "diverged", "seeds",
+    "past_wd_on"}`` with ``verdict`` one of ``"closes"``, ``"overshoots"``, ``"narrows"``,
+    ``"does not close"``, ``"n/a"`` or ``"unstable: diverged on D of N seeds"``; ``short`` (one
+    line per protocol, for figures) and ``text`` (the sentence the CLI prints).
+    """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}: use {', '.join(METRICS)}")
     out = []
@@ -81,50 +115,78 @@ def verdict(records: Sequence[dict[str, Any]], metric: str = "train_loss") -> li
         on_vals = {s: _final(r, metric) for s, r in on.items()}
         on_ok = [v for v in on_vals.values() if v is not None]
         noise = statistics.stdev(on_ok) if len(on_ok) > 1 else None
-        d_off = [_final(off[s], metric) - on_vals[s] for s in off if s in on_vals and on_vals[s] is not None and _final(off[s], metric) is not None]
+        d_off = _diffs(off, on_vals, metric)
         gap_off = statistics.fmean(d_off) if d_off else None
+        on_diverged, on_runs = _counts(on)
+        off_diverged, off_runs = _counts(off)
         entry: dict[str, Any] = {
             "protocol": protocol,
             "metric": metric,
             "seeds": len(on_ok),
             "wd_on_mean": statistics.fmean(on_ok) if on_ok else None,
+            "wd_on_diverged": on_diverged,
             "seed_noise": noise,
             "gap_wd_off": gap_off,
             "wd_off_same_sign": bool(d_off) and (all(d > 0 for d in d_off) or all(d < 0 for d in d_off)),
         }
-        if noise is None or gap_off is None:
+        gap_text = "" if gap_off is None else f"mean gap {gap_off:+.3g}" + ("" if noise is None else f", seed noise {noise:.2g}")
+        if off_diverged:
             entry["departs"] = None
+            off_verdict = unstable(off_diverged, off_runs)
+            text = f"{METRICS[metric]}: WD off is {off_verdict}" + (f" (on the others: {gap_text})" if gap_text else "")
+        elif noise is None or gap_off is None:
+            entry["departs"] = None
+            off_verdict = "n/a"
             text = f"{METRICS[metric]}: needs at least 2 seeds to compare with seed noise"
         else:
             entry["departs"] = entry["wd_off_same_sign"] and abs(gap_off) > 2 * noise
-            text = (
-                f"{METRICS[metric]}: WD off {'departs from' if entry['departs'] else 'does not depart from'} "
-                f"WD on (mean gap {gap_off:+.3g}, seed noise {noise:.2g})"
-            )
+            off_verdict = "departs" if entry["departs"] else "does not depart"
+            text = f"{METRICS[metric]}: WD off {off_verdict} from WD on ({gap_text})"
+        entry["wd_off"] = {"gap": gap_off, "verdict": off_verdict, "diverged": off_diverged, "seeds": off_runs}
+        if on_diverged:
+            text += f"; WD on itself diverged on {on_diverged} of {on_runs} seeds (compared on the others)"
+        short = [f"WD off {off_verdict}"]
         for regime, name in CORRECTIONS.items():
             corr = _by_seed(records, protocol, regime)
             if not corr:
                 continue
-            diverged = sum(bool(r.get("diverged")) for r in corr.values())
-            d_corr = [_final(r, metric) - on_vals[s] for s, r in corr.items() if s in on_vals and on_vals[s] is not None and _final(r, metric) is not None]
+            diverged, runs = _counts(corr)
+            d_corr = _diffs(corr, on_vals, metric)
             gap_corr = statistics.fmean(d_corr) if d_corr else None
-            if gap_corr is None or noise is None or gap_off is None:
+            # every seed ends on the far side of WD on from WD off
+            past = bool(d_corr) and gap_off is not None and gap_off != 0 and all(d * gap_off < 0 for d in d_corr)
+            if diverged:
+                closes = unstable(diverged, runs)
+            elif gap_corr is None or noise is None or gap_off is None or off_diverged:
                 closes = "n/a"
             elif abs(gap_corr) <= 2 * noise:
                 closes = "closes"
+            elif entry["departs"] and past:
+                closes = "overshoots"
             elif abs(gap_corr) < abs(gap_off):
                 closes = "narrows"
             else:
                 closes = "does not close"
-            entry.setdefault("corrections", {})[regime] = {"gap": gap_corr, "verdict": closes, "diverged": diverged, "seeds": len(corr)}
+            entry.setdefault("corrections", {})[regime] = {
+                "gap": gap_corr, "verdict": closes, "diverged": diverged, "seeds": runs, "past_wd_on": past,
+            }
             if regime == "wd_off_corrected":
                 entry["gap_corrected"], entry["correction"], entry["corrected_diverged"] = gap_corr, closes, diverged
-            if closes != "n/a" and entry["departs"]:
-                text += f"; {name} {closes} it (gap {gap_corr:+.3g})"
-            elif closes != "n/a":
-                text += f"; {name}: no gap to close (gap {gap_corr:+.3g})"
+            gap = "" if gap_corr is None else f"gap {gap_corr:+.3g}"
             if diverged:
-                text += f", diverged for {diverged} of {len(corr)} seeds"
+                text += f"; {name} is {closes}" + (f" ({gap} on the others)" if gap else "")
+            elif closes == "n/a":
+                if gap and off_diverged:
+                    text += f"; {name}: not judged against an unstable WD off ({gap})"
+                continue
+            elif entry["departs"]:
+                note = ": past WD on, opposite to WD off, in every seed" if closes == "overshoots" else (
+                    "; past WD on in every seed, within noise" if closes == "closes" and past else "")
+                text += f"; {name} {closes} it ({gap}{note})"
+            else:
+                text += f"; {name}: no gap to close ({gap})"
+            short.append(f"{name}: {closes}" if entry["departs"] or diverged else f"{name}: no gap to close")
+        entry["short"] = f"[{protocol}] {METRICS[metric]}: " + "; ".join(short)
         entry["text"] = f"[{protocol}] {text}"
         out.append(entry)
     return out

@@ -110,8 +110,11 @@ def _layers(records: Sequence[dict]) -> list[str]:
     return []
 
 
-def fig_training(records: Sequence[dict], regimes: Sequence[str], protocol: str | None, title: str) -> Figure:
-    """Test accuracy, test loss and training loss per epoch for the given regimes."""
+def fig_training(
+    records: Sequence[dict], regimes: Sequence[str], protocol: str | None, title: str, note: str | None = None
+) -> Figure:
+    """Test accuracy, test loss and training loss per epoch for the given regimes; ``note`` (the
+    verdict, say) is printed as a last line of the title."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
     panels = (
         ("test accuracy", lambda e: e["test_acc"], False),
@@ -127,7 +130,7 @@ def fig_training(records: Sequence[dict], regimes: Sequence[str], protocol: str 
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{title}\n{_setting(records, protocol)}", fontsize=10)
+    fig.suptitle(f"{title}\n{_setting(records, protocol)}" + (f"\n{note}" if note else ""), fontsize=10)
     return fig
 
 
@@ -198,10 +201,13 @@ def draw_all(
     checks: Sequence[dict[str, Any]] | None,
     output_dir: str | Path,
     formats: Sequence[str] = ("png",),
+    verdicts: Sequence[dict[str, Any]] | None = None,
 ) -> list[Path]:
     """Draw every figure the records allow into ``output_dir``; returns the files written.
 
-    Per protocol present: ``wd_regimes_<protocol>`` (accuracy and losses), ``weight_norm_<protocol>``,
+    Per protocol present: ``wd_regimes_<protocol>`` (accuracy and losses, with the line ``short``
+    of the protocol's entry in ``verdicts``, from :func:`normbench.experiments.summary.verdict`,
+    under the title), ``weight_norm_<protocol>``,
     ``effective_lr_<protocol>`` and ``angular_update_<protocol>`` (with the equilibrium line of the
     WD-on run). Then ``normalizations`` (BN vs WN vs bounded WN), ``lp_batch_norm`` and
     ``scale_invariance``. A figure whose regimes were not run is not drawn.
@@ -220,8 +226,9 @@ def draw_all(
             continue
         first = _runs(ok, present[0], protocol)[0]["config"]
         wd, mu = first["wd"], first["momentum"]
+        note = next((f"verdict {v['short']}" for v in verdicts or () if v["protocol"] == protocol), None)
         written += save_figure(
-            fig_training(ok, present, protocol, "Weight decay regimes: the paper's claim tested"),
+            fig_training(ok, present, protocol, "Weight decay regimes: the paper's claim tested", note),
             out, f"wd_regimes_{protocol}", formats,
         )
         written += save_figure(

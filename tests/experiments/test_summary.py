@@ -5,9 +5,18 @@ import pytest
 from normbench.experiments.summary import regime_table, verdict
 
 
-def rec(regime, seed, train_loss, diverged=False, protocol="isolated"):
-    epochs = [] if diverged else [{"train_loss": train_loss, "test_loss": 0.1, "test_acc": 0.9}]
-    return {"regime": regime, "seed": seed, "protocol": protocol, "diverged": diverged, "epochs": epochs}
+def rec(regime, seed, train_loss, diverged=False, protocol="isolated", status="ok"):
+    epochs = [] if diverged or status == "skipped" else [{"train_loss": train_loss, "test_loss": 0.1, "test_acc": 0.9}]
+    return {"regime": regime, "seed": seed, "protocol": protocol, "diverged": diverged, "epochs": epochs, "status": status}
+
+
+def runs(regime, values):
+    """One record per seed 0, 1, ...; None is a run that diverged."""
+    return [rec(regime, s, v, diverged=v is None) for s, v in enumerate(values)]
+
+
+# WD on at 1.0 +- 0.1 (seed noise 0.1, so "within noise" is within 0.2); WD off +0.53 above it on every seed
+ON, OFF = [1.0, 1.1, 0.9], [1.5, 1.7, 1.4]
 
 
 def test_departs_and_closes():
@@ -28,7 +37,8 @@ def test_no_departure_within_noise_and_diverged_runs_reported():
     (v,) = verdict(records, "train_loss")
     assert v["departs"] is False
     assert v["corrected_diverged"] == 1
-    assert "diverged for 1 of 3 seeds" in v["text"]
+    assert v["correction"] == "unstable: diverged on 1 of 3 seeds"
+    assert "the paper's correction is unstable: diverged on 1 of 3 seeds" in v["text"]
 
 
 def test_one_seed_cannot_judge_and_table_stats():
@@ -38,3 +48,77 @@ def test_one_seed_cannot_judge_and_table_stats():
     rows = regime_table(records + [rec("wd_on", 1, 3.0)])
     on = next(r for r in rows if r["regime"] == "wd_on")
     assert on["seeds"] == 2 and on["train_loss"]["mean"] == 2.0 and on["train_loss"]["min"] == 1.0
+
+
+def test_a_seed_that_diverged_makes_the_correction_unstable_even_if_the_others_close():
+    records = runs("wd_on", ON) + runs("wd_off", OFF) + runs("wd_off_corrected", [None, 1.1, 0.9])
+    (v,) = verdict(records, "train_loss")
+    assert v["departs"] is True
+    assert v["correction"] == "unstable: diverged on 1 of 3 seeds"
+    assert v["corrections"]["wd_off_corrected"]["verdict"] == "unstable: diverged on 1 of 3 seeds"
+    assert v["corrections"]["wd_off_corrected"]["gap"] == pytest.approx(0.0)  # the finite seeds sit on WD on
+    assert "the paper's correction is unstable: diverged on 1 of 3 seeds (gap +0 on the others)" in v["text"]
+    assert "closes" not in v["text"] and "closes" not in v["short"]
+
+
+def test_every_seed_diverged():
+    records = runs("wd_on", ON) + runs("wd_off", OFF) + runs("wd_off_corrected", [None, None, None])
+    records += runs("wd_off_corrected_grad", [1.1, 1.2, 1.0])
+    (v,) = verdict(records, "train_loss")
+    assert v["correction"] == "unstable: diverged on 3 of 3 seeds" and v["gap_corrected"] is None
+    assert v["corrections"]["wd_off_corrected_grad"]["verdict"] == "closes"
+    assert v["text"].endswith("; the paper's correction is unstable: diverged on 3 of 3 seeds; "
+                              "the before-momentum variant closes it (gap +0.1)")
+    assert v["short"] == ("[isolated] final training loss: WD off departs; the paper's correction: unstable: "
+                          "diverged on 3 of 3 seeds; the before-momentum variant: closes")
+
+
+@pytest.mark.parametrize("corrected", [[0.6, 0.65, 0.55], [0.3, 0.4, 0.2]])  # less far than WD off, and farther
+def test_a_consistent_overshoot(corrected):
+    records = runs("wd_on", ON) + runs("wd_off", OFF) + runs("wd_off_corrected", corrected)
+    (v,) = verdict(records, "train_loss")
+    assert v["correction"] == "overshoots" and v["corrections"]["wd_off_corrected"]["past_wd_on"] is True
+    assert "the paper's correction overshoots it (gap -" in v["text"]
+    assert "past WD on, opposite to WD off, in every seed" in v["text"]
+
+
+def test_an_overshoot_within_noise_closes_and_says_so():
+    records = runs("wd_on", ON) + runs("wd_off", OFF) + runs("wd_off_corrected", [0.9, 1.0, 0.8])
+    (v,) = verdict(records, "train_loss")
+    assert v["correction"] == "closes"
+    assert "the paper's correction closes it (gap -0.1; past WD on in every seed, within noise)" in v["text"]
+
+
+@pytest.mark.parametrize(
+    "corrected, expected",
+    [
+        ([1.05, 1.0, 0.95], "closes"),
+        ([1.3, 1.4, 1.2], "narrows"),
+        ([1.6, 1.8, 1.5], "does not close"),
+        ([0.5, 1.2, 0.4], "narrows"),  # beyond noise below WD on, but not on every seed: not an overshoot
+    ],
+)
+def test_the_old_verdicts_stay(corrected, expected):
+    records = runs("wd_on", ON) + runs("wd_off", OFF) + runs("wd_off_corrected", corrected)
+    (v,) = verdict(records, "train_loss")
+    assert v["departs"] is True and v["correction"] == expected
+    assert f"the paper's correction {expected} it (gap " in v["text"]
+
+
+def test_wd_off_that_diverged_is_unstable_and_nothing_is_judged_against_it():
+    records = runs("wd_on", ON) + runs("wd_off", [None, 1.7, 1.4]) + runs("wd_off_corrected", [1.05, 1.0, 0.95])
+    (v,) = verdict(records, "train_loss")
+    assert v["departs"] is None and v["wd_off"]["verdict"] == "unstable: diverged on 1 of 3 seeds"
+    assert v["correction"] == "n/a"
+    assert "WD off is unstable: diverged on 1 of 3 seeds (on the others: mean gap +0.55, seed noise 0.1)" in v["text"]
+    assert "departs" not in v["text"] and "closes" not in v["text"]
+
+
+def test_skipped_runs_are_not_counted_as_seeds_and_wd_on_divergence_is_reported():
+    records = runs("wd_on", [1.0, 1.1, None]) + runs("wd_off", OFF)
+    records += [rec("wd_off_corrected", 0, 0, diverged=True), rec("wd_off_corrected", 1, 1.1),
+                rec("wd_off_corrected", 2, None, status="skipped")]
+    (v,) = verdict(records, "train_loss")
+    assert v["wd_on_diverged"] == 1
+    assert v["correction"] == "unstable: diverged on 1 of 2 seeds"
+    assert "WD on itself diverged on 1 of 3 seeds (compared on the others)" in v["text"]

@@ -56,3 +56,37 @@ def test_missing_regimes_skip_their_figures(tmp_path, drawn):
                                        "angular_update_isolated"}
     with pytest.raises(ValueError, match="format"):
         draw_all(only_on, None, tmp_path, formats=("gif",))
+
+
+def _synthetic_records():
+    """Two seeds of WD on, WD off and the paper's correction (diverged on seed 1), two epochs, one layer."""
+    config = {"dataset": "digits", "model": "small", "lr": 0.1, "momentum": 0.9, "wd": 2e-3, "epochs": 2}
+    layer = {"norm": 1.0, "effective_lr": 0.1, "angular_update": 0.01}
+    records = []
+    for regime, values in (("wd_on", [1.0, 1.1]), ("wd_off", [1.5, 1.7]), ("wd_off_corrected", [1.05, None])):
+        for seed, v in enumerate(values):
+            epochs = [{"lr": 0.1, "train_loss": 2.0, "test_loss": 2.0, "test_acc": 0.5, "layers": {"conv1": layer}}]
+            if v is not None:
+                epochs.append({"lr": 0.1, "train_loss": v, "test_loss": v, "test_acc": 0.9, "layers": {"conv1": layer}})
+            records.append({"regime": regime, "seed": seed, "protocol": "isolated", "status": "ok", "config": config,
+                            "diverged": v is None, "epochs": epochs})
+    return records
+
+
+def test_the_wd_figure_shows_the_verdict(tmp_path, monkeypatch):
+    from normbench.experiments.summary import verdict
+    from normbench.plots import equivalence as plots
+
+    titles = {}
+
+    def capture(fig, out, stem, formats):
+        titles[stem] = fig._suptitle.get_text()
+        return []
+
+    monkeypatch.setattr(plots, "save_figure", capture)
+    records = _synthetic_records()
+    plots.draw_all(records, None, tmp_path, verdicts=verdict(records, "train_loss"))
+    assert titles["wd_regimes_isolated"].endswith(
+        "\nverdict [isolated] final training loss: WD off departs; the paper's correction: unstable: diverged on 1 of 2 seeds")
+    plots.draw_all(records, None, tmp_path)  # without verdicts: no verdict line
+    assert "verdict" not in titles["wd_regimes_isolated"]
