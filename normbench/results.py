@@ -7,7 +7,14 @@ Records are streamed: :class:`ResultsWriter` puts every record on disk as it com
 an interrupted run keeps every finished cell and a long run does not slow down.
 With ``resume=True`` the records already in the file are kept and :meth:`ResultsWriter.has` tells
 the caller which cells to skip. Records are plain dicts of JSON values: every record carries its
-axes, ``status`` ("ok" | "skipped" | "error") and ``reason``.
+axes, ``status`` ("ok" | "skipped" | "error") and ``reason``. In CSV a list or dict value (a
+profile record's ``times_s``, a stability record's ``case``) is one JSON-encoded cell, read back
+as the list or dict.
+
+The rules of the commands' ``--output``, ``--resume`` and ``--force`` live here, for every
+command alike (:func:`check_output_options`, :func:`open_results`): an existing file is never
+overwritten without ``--force``, and ``--resume`` only adds to a file measured on the same device,
+torch version and thread count (and, for a profile, cache mode).
 """
 
 from __future__ import annotations
@@ -227,3 +234,88 @@ class ResultsWriter:
 
 
 _JSON_TRAILER = "\n]}\n"
+
+
+# Environment fields that must match for --resume to add records to a file: records measured
+# under different values would sit side by side as if comparable.
+RESUME_FIELDS = ("device", "torch_version", "threads")
+
+_opened: list[Path] = []  # results files opened by open_results in this invocation
+
+
+def check_output_options(output: str | os.PathLike | None, resume: bool = False, force: bool = False) -> None:
+    """The checks of ``--output``/``--resume``/``--force`` that need no measurement, so that a
+    command refuses before it spends any time: a UserError (one line) for ``--resume`` or
+    ``--force`` without ``--output``, both at once, an unknown suffix, or an existing non-empty
+    file without either flag."""
+    if resume and force:
+        raise UserError("give --resume (keep the file's finished cells) or --force (overwrite it), not both")
+    if resume and not output:
+        raise UserError("--resume needs --output (the file whose finished cells to keep)")
+    if force and not output:
+        raise UserError("--force needs --output (the file to overwrite)")
+    if not output:
+        return
+    results_format(output)
+    path = Path(output)
+    if not resume and not force and path.exists() and (path.is_dir() or path.stat().st_size > 0):
+        raise UserError(f"{path} exists: pass --resume to keep its finished cells and run the others, "
+                        "or --force to overwrite it")
+
+
+def environment_differences(old: Results, env: dict[str, Any], fields: Sequence[str] = RESUME_FIELDS) -> list[str]:
+    """``field old -> new`` for each of ``fields`` whose value in the file differs from ``env``.
+    A file without an environment (CSV) is checked on the records' own fields where they have
+    them (``device``, ``threads``); a field the file does not record is not checked."""
+    out = []
+    for f in fields:
+        if f not in env:
+            continue
+        if f in old.environment:
+            values = [old.environment[f]]
+        else:
+            values = list(dict.fromkeys(json.dumps(r[f]) for r in old.records if r.get(f) is not None))
+            values = [json.loads(v) for v in values]
+        for value in values:
+            if str(value) != str(env[f]):
+                out.append(f"{f} {value} -> {env[f]}")
+                break
+    return out
+
+
+def open_results(
+    output: str | os.PathLike,
+    schema: str,
+    environment: dict[str, Any],
+    key_fields: Sequence[str],
+    *,
+    resume: bool = False,
+    force: bool = False,
+    match: Sequence[str] = RESUME_FIELDS,
+) -> "ResultsWriter":
+    """A :class:`ResultsWriter` for a command's ``--output``, after its rules: the checks of
+    :func:`check_output_options`, and with ``resume`` a file whose environment differs from this
+    run's in any field of ``match`` is refused, the differences named in one line. The path is
+    remembered for the CLI's message on Ctrl-C (:func:`opened_results`)."""
+    check_output_options(output, resume, force)
+    path = Path(output)
+    if resume and path.exists() and path.stat().st_size > 0:
+        old = read_results(path, schema=schema)
+        diff = environment_differences(old, environment, match)
+        if diff:
+            raise UserError(f"{path}: cannot resume, it was measured with {', '.join(diff)} "
+                            "(match them, or pass --force to overwrite the file)")
+    writer = ResultsWriter(path, schema, environment, key_fields, resume=resume)
+    _opened.append(writer.path)
+    return writer
+
+
+def opened_results() -> tuple[Path, ...]:
+    """The results files :func:`open_results` opened since :func:`forget_opened_results`."""
+    return tuple(_opened)
+
+
+def forget_opened_results() -> None:
+    """Start a new invocation: no results file opened yet."""
+    _opened.clear()
+

@@ -75,3 +75,39 @@ def test_appends_keep_the_file_valid_and_new_columns_widen_csv(tmp_path, suffix)
     w.write(_rec("l2", [9], gbps=3.5))
     recs = read_results(path).records
     assert len(recs) == 6 and recs[-1]["gbps"] == 3.5 and recs[0].get("gbps") is None
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv"])
+def test_times_s_round_trips_exactly(tmp_path, suffix):
+    import statistics
+
+    path = tmp_path / f"t{suffix}"
+    times = [0.0123456789012345, 1e-7, 0.1, 2.5e-3, 0.0123456789012346]
+    w = ResultsWriter(path, "normbench.profile/1", {}, KEYS)
+    w.write(_rec("l1", "4x3", time_median_s=statistics.median(times), times_s=times, repeats=5))
+    back = read_results(path).records[0]
+    assert back["times_s"] == times  # a list of floats again, every digit kept (CSV: one JSON cell)
+    assert statistics.median(back["times_s"]) == back["time_median_s"] and back["repeats"] == 5
+    if suffix == ".csv":
+        assert '"[0.0123456789012345, 1e-07, 0.1, 0.0025, 0.0123456789012346]"' in path.read_text()
+
+
+def test_open_results_rules(tmp_path):
+    from normbench.results import environment_differences, open_results, opened_results
+
+    path = tmp_path / "r.json"
+    env = {"device": "cpu", "torch_version": "2.13.0", "threads": 2, "other": "x"}
+    open_results(path, "normbench.profile/1", env, KEYS).write(_rec("l1", [1]))
+    assert opened_results()[-1] == path
+    with pytest.raises(UserError, match=r"r.json exists: pass --resume .* or --force"):
+        open_results(path, "normbench.profile/1", env, KEYS)
+    # a field other than device, torch version and threads may differ
+    w = open_results(path, "normbench.profile/1", {**env, "other": "y"}, KEYS, resume=True)
+    assert w.has({"norm": "l1", "shape": [1]})
+    with pytest.raises(UserError, match=r"cannot resume, it was measured with threads 2 -> 1\b"):
+        open_results(path, "normbench.profile/1", {**env, "threads": 1}, KEYS, resume=True)
+    old = read_results(path)
+    assert environment_differences(old, {**env, "device": "cuda", "torch_version": "2.12"}) == [
+        "device cpu -> cuda", "torch_version 2.13.0 -> 2.12"]
+    w = open_results(path, "normbench.profile/1", {}, KEYS, force=True)
+    assert read_results(path).records == []

@@ -7,7 +7,8 @@ The Python API of the command::
 
 - :mod:`~normbench.bench.spec`: the grid (:class:`ProfileSpec`, :func:`make_spec`, presets);
 - :mod:`~normbench.bench.runner`: :func:`run` and one cell's measurement;
-- :mod:`~normbench.bench.timing`: warm-up, repeats, median and IQR, CPU and CUDA timers;
+- :mod:`~normbench.bench.timing`: warm-up, repeats, median and IQR, CPU and CUDA timers, interleaved
+  rounds, rotation over input copies;
 - :mod:`~normbench.bench.impls`: the implementation registry (``torch``, ``eager``, ``analytic``,
   ``paper``);
 - :mod:`~normbench.bench.bytes`: the fewest bytes each pass moves;
@@ -18,9 +19,9 @@ The Python API of the command::
 from normbench.bench.impls import IMPLS, Impl, register
 from normbench.bench.runner import KEY_FIELDS, RECORD_FIELDS, run
 from normbench.bench.spec import PRESETS, ProfileSpec, ShapeGroup, make_spec
-from normbench.bench.timing import CpuTimer, Measurement, TimingSpec, measure
+from normbench.bench.timing import CpuTimer, Measurement, Rotation, TimingSpec, measure, measure_interleaved
 
 __all__ = [
     "IMPLS", "Impl", "register", "KEY_FIELDS", "RECORD_FIELDS", "run", "PRESETS", "ProfileSpec",
-    "ShapeGroup", "make_spec", "CpuTimer", "Measurement", "TimingSpec", "measure",
+    "ShapeGroup", "make_spec", "CpuTimer", "Measurement", "TimingSpec", "measure", "measure_interleaved", "Rotation",
 ]

@@ -6,21 +6,28 @@
     records = run(make_spec(norm="l2,l1", dtype="fp32,bf16", shape="32x64x56x56"))
 
 Per cell: build the implementation's layer, move it to the device and dtype, make the input
-(seeded, in the memory format), time the pass with the timing engine, measure the bytes kept for
-backward and the pass's peak memory, and compute the bandwidth figures against the copy bandwidth
-measured once at the start of the run. ``speedup_vs_torch`` is torch's time over this cell's time
-for torch's layer of the same family, dtype, shape, pass, mode and memory format; that torch cell is
-measured once and reused (and measured even when ``torch`` is not among the implementations).
+(seeded, in the memory format) and, for cold-cache timing on the CPU (the default), copies of
+everything the pass reads (:func:`build_timed_pass`), time the pass with the timing engine,
+measure the bytes kept for backward and the pass's peak memory, and compute the bandwidth figures
+against the copy bandwidth measured once at the start of the run.
+
+``speedup_vs_torch`` is torch's time over this cell's time for torch's layer of the same family,
+dtype, shape, pass, mode and memory format, both timed in the same rounds
+(:func:`~normbench.bench.timing.measure_interleaved`: one sample of each per round, the order
+alternating), so a slow phase of the machine hits both. Torch's layer is built once per block of
+cells that share it and timed again beside every candidate (and even when ``torch`` is not among
+the implementations); torch's own record takes its times from the rounds it shared with the first
+candidate of its block (``interleaved_with`` names it), so it is not timed a second time for itself.
 
 A cell that cannot run is a ``skipped`` record with the reason (the implementation does not have
 the norm, top-k larger than the values per statistic, a rank the memory format does not apply to,
 a dtype the device or the layer does not run, not enough memory); a cell that fails otherwise is
 an ``error`` record with the exception's first line. The run goes on in both cases.
 """
-
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
@@ -30,7 +37,16 @@ from normbench.bench.bytes import pass_bytes
 from normbench.bench.impls import get as get_impl
 from normbench.bench.memory import peak_memory, saved_tensor_bytes
 from normbench.bench.spec import KEY_FIELDS, Cell, ProfileSpec  # noqa: F401 (KEY_FIELDS re-exported)
-from normbench.bench.timing import CpuTimer, CudaTimer, Measurement, Timer, TimingSpec, measure
+from normbench.bench.timing import (
+    CallFailed,
+    CpuTimer,
+    CudaTimer,
+    Measurement,
+    Rotation,
+    Timer,
+    TimingSpec,
+    measure_interleaved,
+)
 from normbench.results import record_key
 
 Record = dict[str, Any]
@@ -38,12 +54,18 @@ RECORD_FIELDS = (
     "norm", "impl", "dtype", "shape", "group", "pass", "mode", "memory_format", "device",
     "status", "reason", "time_median_s", "time_iqr_s", "repeats", "bytes", "gbps", "peak_gbps",
     "sol_fraction", "peak_memory_bytes", "saved_bytes", "speedup_vs_torch", "compile_time_s",
-    "threads",
+    "threads", "cache", "input_copies", "times_s", "torch_times_s", "interleaved_with",
 )
 # Memory a cell may need, in tensors of the input's size computed in fp32 (eager top-k fwd+bwd
 # keeps about eight); a cell that would need more than the device has free is skipped, so a large
 # preset cannot push the machine into its out-of-memory killer.
 MEMORY_FACTOR = 10
+# Cold-cache timing on the CPU: the rotated copies of a pass's inputs hold at least COPY_FACTOR
+# times the last-level cache, so that between two uses of one copy more than the whole cache of
+# other data has been read; at most MAX_COPIES copies (below that size an eviction buffer of
+# COPY_FACTOR times the cache is read before every sample instead).
+COPY_FACTOR = 2
+MAX_COPIES = 256
 
 
 class CellSkipped(Exception):
@@ -68,6 +90,9 @@ def check_cell(cell: Cell) -> None:
         raise CellSkipped(f"top-{cell.norm.k} needs at least {cell.norm.k} values per statistic, this shape has {n}")
     if cell.norm.family == "batchnorm" and cell.mode == "train" and n < 2:
         raise CellSkipped("batch-norm in training needs more than one value per channel")
+    if cell.norm.family == "groupnorm" and cell.impl == "torch" and cell.shape[0] * n < 2:
+        # torch checks batch x values per group, in eval mode too ("Expected more than 1 value per channel")
+        raise CellSkipped("torch's GroupNorm needs more than one value per group over the batch")
     if cell.memory_format == "channels_last" and len(cell.shape) not in (4, 5):
         raise CellSkipped("channels_last applies to 4-D and 5-D inputs only")
     need = MEMORY_FACTOR * math.prod(cell.shape) * 4
@@ -119,33 +144,214 @@ def make_input(cell: Cell) -> torch.Tensor:
     return x
 
 
+def _pass_calls(cell: Cell, module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor | None) -> tuple[
+        Callable[[], object], Callable[[], object]]:
+    """(the timed call of the cell's pass on input ``x`` and upstream gradient ``dy``, a forward
+    in the same autograd state)."""
+    if cell.pass_ == "fwd" and cell.mode == "eval":
+        def infer() -> torch.Tensor:
+            with torch.no_grad():
+                return module(x)
+        return infer, infer
+    forward = lambda: module(x)  # noqa: E731
+    if cell.pass_ == "fwd":
+        return forward, forward
+    inputs = [x, *(p for p in module.parameters() if p.requires_grad)]
+    if cell.pass_ == "fwd+bwd":
+        return (lambda: torch.autograd.grad(module(x), inputs, dy)), forward
+    y = module(x)  # bwd: the graph is built once per copy and timed with retain_graph
+    return (lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)), forward
+
+
+def _module_and_inputs(cell: Cell) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]:
+    """The cell's layer (on the device, in the dtype and mode), its input and, for passes with a
+    backward, a fixed upstream gradient (seeded standard normal values)."""
+    module = get_impl(cell.impl).build(cell.norm, cell.shape).to(device=cell.device, dtype=cell.dtype)
+    module.train(cell.mode == "train")
+    x = make_input(cell)
+    if cell.pass_ == "fwd" and cell.mode == "eval":
+        return module, x, None
+    x.requires_grad_(True)
+    if cell.pass_ == "fwd":
+        return module, x, None
+    y = module(x)
+    dy = torch.randn(y.shape, generator=torch.Generator(device=cell.device).manual_seed(1),
+                     dtype=torch.float32, device=cell.device).to(y.dtype)
+    return module, x, dy
+
+
 def build_pass(cell: Cell) -> tuple[Callable[[], object], Callable[[], object]]:
-    """(the timed call of the cell's pass, a forward in the same autograd state as the pass's).
+    """(the timed call of the cell's pass, a forward in the same autograd state as the pass's),
+    on one copy of the inputs.
 
     ``fwd`` in train mode records the graph as training does; ``fwd`` in eval mode runs under
     ``torch.no_grad()`` as inference does. ``fwd+bwd`` calls the layer and
     ``torch.autograd.grad`` for the input and the parameters with a fixed upstream gradient;
     ``bwd`` builds the graph once and times ``torch.autograd.grad(..., retain_graph=True)`` on it.
     """
-    module = get_impl(cell.impl).build(cell.norm, cell.shape).to(device=cell.device, dtype=cell.dtype)
-    module.train(cell.mode == "train")
-    x = make_input(cell)
-    if cell.pass_ == "fwd" and cell.mode == "eval":
-        def infer() -> torch.Tensor:
-            with torch.no_grad():
-                return module(x)
-        return infer, infer
-    x.requires_grad_(True)
-    if cell.pass_ == "fwd":
-        return (lambda: module(x)), (lambda: module(x))
-    inputs = [x, *(p for p in module.parameters() if p.requires_grad)]
-    y = module(x)
-    dy = torch.randn(y.shape, generator=torch.Generator(device=cell.device).manual_seed(1),
-                     dtype=torch.float32, device=cell.device).to(y.dtype)
-    forward = lambda: module(x)  # noqa: E731
-    if cell.pass_ == "fwd+bwd":
-        return (lambda: torch.autograd.grad(module(x), inputs, dy)), forward
-    return (lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)), forward
+    module, x, dy = _module_and_inputs(cell)
+    return _pass_calls(cell, module, x, dy)
+
+
+@dataclass
+class TimedPass:
+    """What the runner times for a cell: ``fn`` (a :class:`Rotation` over ``copies`` copies of
+    the pass's inputs), one copy's call (``single``, for the peak memory) and its forward (for the
+    bytes saved for backward); ``copy_bytes`` are the bytes of one copy of what the pass reads
+    (the input, and the upstream gradient for passes with a backward)."""
+
+    fn: Rotation
+    single: Callable[[], object]
+    forward: Callable[[], object]
+    copy_bytes: int
+
+    @property
+    def copies(self) -> int:
+        return self.fn.copies
+
+
+class Evictor:
+    """Reads a buffer of ``nbytes`` (outside the timed region), so the data read before it is
+    out of a cache smaller than that; reading leaves nothing dirty for the timed call to write
+    back."""
+
+    def __init__(self, nbytes: int, device: str = "cpu") -> None:
+        self.buffer = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+
+    def __call__(self) -> None:
+        self.buffer.sum()
+
+
+def rotation_copies(copy_bytes: int, llc_bytes: int, spare_bytes: int | None = None,
+                    copy_memory: int | None = None) -> tuple[int, bool]:
+    """(copies of the inputs to rotate through, whether an eviction before each sample is needed
+    as well) for cold-cache timing.
+
+    Enough copies to hold :data:`COPY_FACTOR` times the last-level cache ``llc_bytes``, at least
+    2, at most :data:`MAX_COPIES`, and no more than ``spare_bytes`` of memory hold at
+    ``copy_memory`` bytes each beyond the first. When the copies fall short of the target (a small
+    tensor past the cap, or memory), the eviction covers what they do not.
+    """
+    target = COPY_FACTOR * llc_bytes
+    want = max(2, math.ceil(target / max(copy_bytes, 1)))
+    copies = min(want, MAX_COPIES)
+    if spare_bytes is not None:
+        copies = max(1, min(copies, 1 + spare_bytes // max(copy_memory or copy_bytes, 1)))
+    return copies, copies < 2 or copies * copy_bytes < target
+
+
+@dataclass
+class RunContext:
+    """What every cell of a run shares: where and how it is timed."""
+
+    device: str
+    timing: TimingSpec
+    timer: Timer
+    peak_gbps: float | None
+    cache: str = "cold"
+    llc_bytes: int = 32 << 20  # the last-level cache(s) to keep inputs out of (CPU, cold)
+    measure_memory: bool = True
+    _evictor: Evictor | None = field(default=None, repr=False)
+
+    @property
+    def rotates(self) -> bool:
+        """Copies and eviction: cold-cache timing on the CPU (CUDA flushes its L2 in the timer)."""
+        return self.cache == "cold" and torch.device(self.device).type == "cpu"
+
+    def evictor(self) -> Evictor:
+        if self._evictor is None:
+            self._evictor = Evictor(COPY_FACTOR * self.llc_bytes, self.device)
+        return self._evictor
+
+
+def build_timed_pass(cell: Cell, ctx: RunContext) -> TimedPass:
+    """The cell's pass, ready to time as ``ctx`` says.
+
+    Warm cache (or CUDA): one copy; warm, every sample is preceded by an untimed call, so it starts
+    with its inputs in the cache whatever ran before. Cold cache on the CPU: the input (and for a
+    backward the upstream gradient, and the graph built on them) copied :func:`rotation_copies`
+    times, one copy per call in turn, each copy holding its last output until its next call (so
+    outputs, too, land in memory that is not in the cache), plus an eviction before each sample
+    where the copies cannot cover the cache. Copies hold the same values in separate storage; the
+    layer is shared.
+    """
+    module, x, dy = _module_and_inputs(cell)
+    fn, forward = _pass_calls(cell, module, x, dy)
+    copy_bytes = x.nbytes + (dy.nbytes if dy is not None else 0)
+    if not ctx.rotates:
+        return TimedPass(Rotation([fn], prime=ctx.cache == "warm"), fn, forward, copy_bytes)
+    free = free_memory(cell.device)
+    reserve = MEMORY_FACTOR * math.prod(cell.shape) * 4  # what the pass itself may need (check_cell)
+    graph = 5 * math.prod(cell.shape) * 4 if cell.pass_ == "bwd" else 0  # a bwd copy keeps its graph
+    held = x.nbytes + sum(p.nbytes for p in module.parameters())  # the output a copy holds (y, or dx and grads)
+    copies, evict = rotation_copies(copy_bytes, ctx.llc_bytes, None if free is None else max(0, free - reserve),
+                                    copy_bytes + held + graph)
+    fns = [fn]
+    for _ in range(copies - 1):
+        xc = x.detach().clone().requires_grad_(x.requires_grad)
+        fns.append(_pass_calls(cell, module, xc, None if dy is None else dy.clone())[0])
+    return TimedPass(Rotation(fns, evict=ctx.evictor() if evict else None, hold=True), fn, forward, copy_bytes)
+
+
+def _time(passes: list[TimedPass], ctx: RunContext) -> list[Measurement | Exception]:
+    """Time ``passes`` in the same rounds; a pass that fails gets its exception and the others
+    are timed again without it."""
+    out: list[Measurement | Exception | None] = [None] * len(passes)
+    alive = list(range(len(passes)))
+    while alive:
+        try:
+            measured = measure_interleaved([passes[i].fn for i in alive], ctx.timing, ctx.timer)
+        except CallFailed as failed:
+            out[alive.pop(failed.index)] = failed.error
+            continue
+        for i, m in zip(alive, measured):
+            out[i] = m
+        break
+    return out  # type: ignore[return-value]
+
+
+def _label(cell: Cell, full: bool = False) -> str:
+    a = cell.axes()
+    if not full:
+        return f"{a['norm']} {a['impl']}"
+    return f"{a['norm']} {a['impl']} {a['dtype']} {a['shape']} {a['pass']} {a['mode']}"
+
+
+def _finish(cell: Cell, tp: TimedPass, m: Measurement | Exception, ctx: RunContext,
+            ref: Measurement | None = None, interleaved_with: str | None = None) -> Record:
+    """The record of a timed cell: bandwidth figures, memory, and the speedup from the torch
+    times ``ref`` of the same rounds."""
+    if isinstance(m, Exception):
+        return empty_record(cell, *classify_error(m))
+    try:
+        saved = saved_tensor_bytes(tp.forward)
+        peak, why = peak_memory(tp.single, cell.device) if ctx.measure_memory else (None, "not measured (--no-memory)")
+    except Exception as exc:  # noqa: BLE001 - one failing cell must not end the run
+        return empty_record(cell, *classify_error(exc))
+    nbytes = pass_bytes(cell.norm, cell.shape, cell.dtype, cell.pass_, cell.mode)
+    median = m.median
+    gbps = nbytes / median / 1e9 if median > 0 else None
+    is_torch = cell.impl == "torch"
+    record = empty_record(cell, "ok", None if peak is not None else f"peak_memory_bytes {why}")
+    record.update(
+        time_median_s=median,
+        time_iqr_s=m.iqr,
+        repeats=m.repeats,
+        bytes=nbytes,
+        gbps=gbps,
+        peak_gbps=ctx.peak_gbps,
+        sol_fraction=gbps / ctx.peak_gbps if gbps is not None and ctx.peak_gbps else None,
+        peak_memory_bytes=peak,
+        saved_bytes=saved,
+        speedup_vs_torch=1.0 if is_torch else (ref.median / median if ref is not None and median > 0 else None),
+        compile_time_s=m.first_call_s if get_impl(cell.impl).compiles else None,
+        cache=ctx.cache,
+        input_copies=tp.copies,
+        times_s=list(m.times),
+        torch_times_s=None if is_torch or ref is None else list(ref.times),
+        interleaved_with=interleaved_with,
+    )
+    return record
 
 
 def profile_cell(
@@ -155,43 +361,39 @@ def profile_cell(
     peak_gbps: float | None,
     torch_time: float | None = None,
     measure_memory: bool = True,
+    cache: str = "cold",
+    llc_bytes: int | None = None,
 ) -> Record:
-    """Measure one cell; a ``skipped`` or ``error`` record instead of an exception."""
+    """Measure one cell alone; a ``skipped`` or ``error`` record instead of an exception.
+
+    The runner does not use this: it times each cell in the same rounds as torch's layer. Here
+    ``speedup_vs_torch`` is ``torch_time`` (timed at some other time) over this cell's median.
+    """
+    ctx = RunContext(cell.device, timing, timer, peak_gbps, cache, llc_bytes or _llc_bytes(), measure_memory)
     try:
         check_cell(cell)
-        fn, forward = build_pass(cell)
-        m: Measurement = measure(fn, timing, timer)
-        saved = saved_tensor_bytes(forward)
-        peak, why = peak_memory(fn, cell.device) if measure_memory else (None, "not measured (--no-memory)")
+        tp = build_timed_pass(cell, ctx)
+        m: Measurement | Exception = _time([tp], ctx)[0]
     except CellSkipped as exc:
         return empty_record(cell, "skipped", str(exc))
     except Exception as exc:  # noqa: BLE001 - one failing cell must not end the run
         return empty_record(cell, *classify_error(exc))
-    nbytes = pass_bytes(cell.norm, cell.shape, cell.dtype, cell.pass_, cell.mode)
-    median = m.median
-    gbps = nbytes / median / 1e9 if median > 0 else None
-    record = empty_record(cell, "ok", None if peak is not None else f"peak_memory_bytes {why}")
-    record.update(
-        time_median_s=median,
-        time_iqr_s=m.iqr,
-        repeats=m.repeats,
-        bytes=nbytes,
-        gbps=gbps,
-        peak_gbps=peak_gbps,
-        sol_fraction=gbps / peak_gbps if gbps is not None and peak_gbps else None,
-        peak_memory_bytes=peak,
-        saved_bytes=saved,
-        speedup_vs_torch=(torch_time / median) if torch_time and median > 0 else None,
-        compile_time_s=m.first_call_s if get_impl(cell.impl).compiles else None,
-    )
-    if cell.impl == "torch":
-        record["speedup_vs_torch"] = 1.0
+    record = _finish(cell, tp, m, ctx)
+    if record["status"] == "ok" and cell.impl != "torch":
+        record["speedup_vs_torch"] = torch_time / record["time_median_s"] if torch_time and record["time_median_s"] else None
     return record
 
 
-def default_timer(device: str) -> Timer:
-    """CUDA events with an L2 flush on a CUDA device, ``time.perf_counter`` on the CPU."""
-    return CudaTimer(device) if torch.device(device).type == "cuda" else CpuTimer()
+def _llc_bytes() -> int:
+    from normbench.machine import last_level_cache_total
+
+    return last_level_cache_total()
+
+
+def default_timer(device: str, cache: str = "cold") -> Timer:
+    """CUDA events with an L2 flush (none for ``cache="warm"``) on a CUDA device,
+    ``time.perf_counter`` on the CPU."""
+    return CudaTimer(device, flush=cache != "warm") if torch.device(device).type == "cuda" else CpuTimer()
 
 
 def run(
@@ -203,17 +405,20 @@ def run(
     on_progress: Callable[[int, int, str], None] | None = None,
     timer: Timer | None = None,
     peak_gbps: float | None = None,
+    llc_bytes: int | None = None,
 ) -> list[Record]:
     """Run every cell of ``spec``; returns the records of the cells it ran, in order.
 
     ``on_record`` receives each record as soon as its cell finishes (stream it to a file there).
-    ``skip(axes)`` says which cells are done already (``ResultsWriter.has``); ``previous`` records
-    (those of a resumed file) supply torch's times for the speedups. ``on_progress(done, total,
-    label)`` is called before each cell and at the end. ``timer`` and ``peak_gbps`` replace the
-    device's timer and the copy-bandwidth measurement (tests inject a fake clock through them).
-    ``spec.threads`` sets torch's CPU threads for the run (restored afterwards); every record
-    carries the thread count it ran with. On the CPU, ``spec.malloc == "steady"`` first puts the
-    process's allocator in a steady state (:func:`prepare_allocator`).
+    ``skip(axes)`` says which cells are done already (``ResultsWriter.has``). ``previous`` (the
+    records of a resumed file) is accepted for compatibility and no longer used: a speedup comes
+    from torch's layer timed in the same rounds as the cell, never from an earlier run.
+    ``on_progress(done, total, label)`` is called before each cell and at the end. ``timer``,
+    ``peak_gbps`` and ``llc_bytes`` replace the device's timer, the copy-bandwidth measurement and
+    the last-level cache size read from the machine (tests inject a fake clock and cache through
+    them). ``spec.threads`` sets torch's CPU threads for the run (restored afterwards); every
+    record carries the thread count it ran with. On the CPU, ``spec.malloc == "steady"`` first
+    puts the process's allocator in a steady state (:func:`prepare_allocator`).
     """
     device = resolve_device(spec.device)
     prepare_allocator(spec, device)
@@ -221,7 +426,7 @@ def run(
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
     try:
-        return _run_cells(spec, device, on_record, skip, previous, on_progress, timer, peak_gbps)
+        return _run_cells(spec, device, on_record, skip, on_progress, timer, peak_gbps, llc_bytes)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -239,39 +444,63 @@ def prepare_allocator(spec: ProfileSpec, device: str) -> str | None:
     return "system"
 
 
+@dataclass
+class _Reference:
+    """Torch's layer for one block of cells: built once, timed beside each candidate."""
+
+    cell: Cell
+    tp: TimedPass | None = None
+    failure: tuple[str, str] | None = None  # (status, reason) when it cannot be timed
+
+    def record(self, cell: Cell) -> Record:
+        assert self.failure is not None
+        return empty_record(cell, *self.failure)
+
+
+def _build(cell: Cell, ctx: RunContext) -> TimedPass | tuple[str, str]:
+    """The cell's timed pass, or (status, reason) when it cannot be built."""
+    try:
+        check_cell(cell)
+        return build_timed_pass(cell, ctx)
+    except CellSkipped as exc:
+        return "skipped", str(exc)
+    except Exception as exc:  # noqa: BLE001 - one failing cell must not end the run
+        return classify_error(exc)
+
+
 def _run_cells(
     spec: ProfileSpec,
     device: str,
     on_record: Callable[[Record], None] | None,
     skip: Callable[[Record], bool] | None,
-    previous: Iterable[Record],
     on_progress: Callable[[int, int, str], None] | None,
     timer: Timer | None,
     peak_gbps: float | None,
+    llc_bytes: int | None,
 ) -> list[Record]:
     cells = spec.cells(device)
-    timer = timer or default_timer(device)
+    timer = timer or default_timer(device, spec.cache)
     if peak_gbps is None:
         from normbench.bench.bandwidth import copy_bandwidth
 
         peak_gbps = copy_bandwidth(device)
-    torch_times: dict[tuple[str, ...], float | None] = {}
-    for r in previous:
-        if r.get("impl") == "torch" and r.get("status") == "ok":
-            torch_times[record_key(r, KEY_FIELDS)] = r.get("time_median_s")
+    ctx = RunContext(device, spec.timing, timer, peak_gbps, spec.cache, llc_bytes or _llc_bytes(),
+                     spec.measure_memory)
+    refs: dict[tuple[str, ...], _Reference] = {}
+    ready: dict[Cell, Record] = {}  # candidates already timed beside their torch cell
+    block = None
     records: list[Record] = []
     for i, cell in enumerate(cells):
         if on_progress:
-            on_progress(i, len(cells), _label(cell))
+            on_progress(i, len(cells), _label(cell, full=True))
+        if _block(cell) != block:  # torch's layers of the previous block are no longer needed
+            refs.clear()
+            block = _block(cell)
         if skip is not None and skip(cell.axes()):
             continue
-        ref_key = record_key(cell.torch_cell().axes(), KEY_FIELDS)
-        try:
-            check_cell(cell)  # a cell that cannot run needs no torch reference either
-        except CellSkipped as exc:
-            record = empty_record(cell, "skipped", str(exc))
-        else:
-            record = _measure_with_reference(cell, spec, timer, peak_gbps, torch_times, ref_key)
+        record = ready.pop(cell, None)
+        if record is None:
+            record = _measure_cell(cells, i, ctx, refs, ready, skip)
         records.append(record)
         if on_record:
             on_record(record)
@@ -280,26 +509,76 @@ def _run_cells(
     return records
 
 
-def _measure_with_reference(
-    cell: Cell,
-    spec: ProfileSpec,
-    timer: Timer,
-    peak_gbps: float | None,
-    torch_times: dict[tuple[str, ...], float | None],
-    ref_key: tuple[str, ...],
-) -> Record:
-    """Measure ``cell``, first measuring torch's layer for its speedup unless that time is known
-    (``torch_times`` caches it under ``ref_key``)."""
-    if cell.impl != "torch" and ref_key not in torch_times:
-        ref = profile_cell(cell.torch_cell(), spec.timing, timer, peak_gbps, None, False)
-        torch_times[ref_key] = ref["time_median_s"]
-    record = profile_cell(cell, spec.timing, timer, peak_gbps, torch_times.get(ref_key), spec.measure_memory)
+def _block(cell: Cell) -> tuple:
+    """Cells that can share torch's layers: same group, shape, dtype, pass, mode, format."""
+    return cell.group, cell.shape, cell.dtype, cell.pass_, cell.mode, cell.memory_format
+
+
+def _reference(cell: Cell, ctx: RunContext, refs: dict[tuple[str, ...], _Reference]) -> _Reference:
+    """Torch's layer for ``cell`` (a torch cell or a candidate), built on first use."""
+    tcell = cell if cell.impl == "torch" else cell.torch_cell()
+    key = record_key(tcell.axes(), KEY_FIELDS)
+    if key not in refs:
+        built = _build(tcell, ctx)
+        refs[key] = _Reference(tcell, tp=built) if isinstance(built, TimedPass) else _Reference(tcell, failure=built)
+    return refs[key]
+
+
+def _partner(cells: list[Cell], i: int, skip: Callable[[Record], bool] | None) -> Cell | None:
+    """The first later candidate of torch cell ``cells[i]``'s block that will run."""
+    key = record_key(cells[i].axes(), KEY_FIELDS)
+    for cell in cells[i + 1:]:
+        if _block(cell) != _block(cells[i]):
+            break
+        if cell.impl == "torch" or record_key(cell.torch_cell().axes(), KEY_FIELDS) != key:
+            continue
+        if skip is not None and skip(cell.axes()):
+            continue
+        try:
+            check_cell(cell)
+        except CellSkipped:
+            continue
+        return cell
+    return None
+
+
+def _measure_cell(cells: list[Cell], i: int, ctx: RunContext, refs: dict[tuple[str, ...], _Reference],
+                  ready: dict[Cell, Record], skip: Callable[[Record], bool] | None) -> Record:
+    """The record of ``cells[i]``. A torch cell is timed in the rounds of its block's first
+    candidate, whose record waits in ``ready``; a candidate beside torch's layer of its block."""
+    cell = cells[i]
+    try:
+        check_cell(cell)  # a cell that cannot run needs no torch reference either
+    except CellSkipped as exc:
+        return empty_record(cell, "skipped", str(exc))
+    ref = _reference(cell, ctx, refs)
     if cell.impl == "torch":
-        torch_times[ref_key] = record["time_median_s"]
-    return record
-
-
-def _label(cell: Cell) -> str:
-    a = cell.axes()
-    return f"{a['norm']} {a['impl']} {a['dtype']} {a['shape']} {a['pass']} {a['mode']}"
-
+        if ref.tp is None:
+            return ref.record(cell)
+        tp = ref.tp
+        partner = _partner(cells, i, skip)
+        built = _build(partner, ctx) if partner is not None else None
+        if partner is not None and isinstance(built, TimedPass):
+            m_torch, m_partner = _time([tp, built], ctx)
+            torch_ok, partner_ok = isinstance(m_torch, Measurement), isinstance(m_partner, Measurement)
+            if not torch_ok:
+                ref.tp, ref.failure = None, classify_error(m_torch)
+            ready[partner] = _finish(partner, built, m_partner, ctx, m_torch if torch_ok else None,
+                                     _label(ref.cell) if torch_ok else None)
+            return _finish(cell, tp, m_torch, ctx, interleaved_with=_label(partner) if partner_ok else None)
+        if partner is not None:  # the partner cannot be built: its record says why
+            ready[partner] = empty_record(partner, *built)
+        m_torch = _time([tp], ctx)[0]
+        if isinstance(m_torch, Exception):
+            ref.tp, ref.failure = None, classify_error(m_torch)
+        return _finish(cell, tp, m_torch, ctx)
+    built = _build(cell, ctx)
+    if not isinstance(built, TimedPass):
+        return empty_record(cell, *built)
+    if ref.tp is None:
+        return _finish(cell, built, _time([built], ctx)[0], ctx)
+    m_torch, m = _time([ref.tp, built], ctx)
+    if isinstance(m_torch, Exception):
+        ref.tp, ref.failure = None, classify_error(m_torch)
+        return _finish(cell, built, m, ctx)
+    return _finish(cell, built, m, ctx, m_torch, _label(ref.cell))

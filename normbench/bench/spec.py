@@ -33,6 +33,9 @@ from normbench.bench.timing import TimingSpec
 from normbench.errors import UserError
 
 MEMORY_FORMATS = ("contiguous", "channels_last")
+# "cold": every CPU repeat reads inputs out of the last-level cache (rotated copies, or an eviction;
+# CUDA: the L2 flushed); "warm": hot-cache timing (--warm-cache).
+CACHE_MODES = ("cold", "warm")
 BATCHNORM_NORMS = ("l2", "l1", "linf", "top10")
 ROW_NORMS = ("layernorm", "l1-layernorm", "linf-layernorm", "rmsnorm", "l1-rmsnorm")
 
@@ -160,6 +163,7 @@ class ProfileSpec:
     measure_memory: bool = True  # peak_memory_bytes (on the CPU a profiled call: ~0.1 s per cell)
     threads: int | None = None  # CPU threads for torch during the run; None keeps torch's setting
     malloc: str = "steady"  # CPU runs: "steady" keeps freed memory mapped (normbench.bench.allocator)
+    cache: str = "cold"  # "cold": inputs out of the cache in every repeat; "warm": hot cache (CACHE_MODES)
 
     def cells(self, device: str | None = None) -> list[Cell]:
         """Every cell of the grid, in run order, without repeats. A ``torch`` cell carries the L2
@@ -217,6 +221,7 @@ def make_spec(
     timing: TimingSpec | None = None,
     threads: int | None = None,
     malloc: str = "steady",
+    cache: str = "cold",
 ) -> ProfileSpec:
     """A validated :class:`ProfileSpec` from option values (comma-separated strings or lists);
     None keeps the default grid's (or with ``quick`` the reduced grid's) value."""
@@ -252,7 +257,10 @@ def make_spec(
         measure_memory=measure_memory,
         threads=threads,
         malloc=malloc,
+        cache=cache,
     )
+    if cache not in CACHE_MODES:
+        raise UserError(f"unknown cache mode {cache!r}: use {', '.join(CACHE_MODES)}")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
     if malloc not in MALLOC_MODES:

@@ -12,11 +12,24 @@ Two timers:
   call overhead stay small against the time measured. Each block gives one sample (its time over
   ``number``).
 - :class:`CudaTimer`: CUDA events around one call, after the L2 cache has been flushed by writing
-  a buffer twice its size, so every sample reads its input from device memory as a real network
-  layer would. One call per sample.
+  a buffer twice its size (outside the events), so every sample reads its input from device memory
+  as a real network layer would. One call per sample.
 
 The first call is timed by itself with a host clock (compilation, autotuning and allocation land
 there); it is returned as ``Measurement.first_call_s`` and never enters the samples.
+
+What the timed call reads is the caller's business, with one helper here: a :class:`Rotation`
+calls one of several callables per call, in turn, each reading its own copy of the inputs (and,
+with ``hold``, writing its output where no recent call wrote), so that a repeat never finds its
+inputs or its output's memory in the CPU's cache from the repeat before (the runner sizes the
+copies from the last-level cache). A rotation may also ask for something to run before every
+sample, outside the timed region: ``evict`` (read a buffer larger than the cache, where the copies
+alone cannot cover it) or ``prime`` (one untimed call, for hot-cache timing).
+
+:func:`measure_interleaved` times several callables in the same rounds, one sample of each per
+round, in an order that alternates from round to round (0, 1, ..., then ..., 1, 0), so that a slow
+phase of a shared machine, or a drift of its clock, hits all of them alike and the ratios of their
+medians stay honest. :func:`measure` is the case of one callable.
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 Clock = Callable[[], float]
 
@@ -120,15 +133,17 @@ class CpuTimer:
 
 
 class CudaTimer:
-    """Times one call per sample with CUDA events, the L2 cache flushed before each sample."""
+    """Times one call per sample with CUDA events, the L2 cache flushed before each sample
+    (``flush=False``: not flushed, for hot-cache timing)."""
 
     batches = False
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, flush: bool = True) -> None:
         import torch
 
         self.torch = torch
         self.device = torch.device(device)
+        self.flush = flush
         l2 = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 0) or 64 * 2**20
         self.flush_buffer = torch.empty(2 * l2, dtype=torch.uint8, device=self.device)
 
@@ -142,7 +157,8 @@ class CudaTimer:
     def sample(self, fn: Callable[[], object], number: int) -> float:
         cuda = self.torch.cuda
         start, end = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
-        self.flush_buffer.zero_()
+        if self.flush:
+            self.flush_buffer.zero_()
         start.record()
         for _ in range(number):
             fn()
@@ -151,31 +167,134 @@ class CudaTimer:
         return start.elapsed_time(end) / 1e3
 
 
+class Rotation:
+    """A timed callable that reads a different copy of its inputs on each call: the ``i``-th call
+    runs ``fns[i % len(fns)]``.
+
+    ``hold``: keep each copy's last output (its tensors, detached: not the graph) until that copy
+    is called again, so that the output of a call is written to memory last touched ``copies``
+    calls before, not to the block the previous call just freed, which would still be in the
+    cache (a write to a cached line skips the read from memory a write to a cold one costs).
+    ``evict``: called before every sample, outside the timed region, when the copies together are
+    too small to push each other out of the cache (:func:`measure` then puts at most one call per
+    copy in a sample). ``prime``: one untimed call before every sample (hot-cache timing: the
+    sample starts with its inputs in the cache whatever ran before it).
+    """
+
+    def __init__(self, fns: Sequence[Callable[[], object]], evict: Callable[[], object] | None = None,
+                 prime: bool = False, hold: bool = False) -> None:
+        if not fns:
+            raise ValueError("a rotation needs at least one callable")
+        self.fns = tuple(fns)
+        self.evict = evict
+        self.prime = prime
+        self.hold = hold
+        self.held: list[object] = [None] * len(self.fns)
+        self.calls = 0
+
+    @property
+    def copies(self) -> int:
+        return len(self.fns)
+
+    def __call__(self) -> object:
+        i = self.calls % len(self.fns)
+        self.calls += 1
+        out = self.fns[i]()
+        if self.hold:
+            self.held[i] = _detached(out)  # frees the output this copy made last time
+        return out
+
+    def before_sample(self) -> None:
+        """What runs before each sample, untimed."""
+        if self.evict is not None:
+            self.evict()
+        if self.prime:
+            self()
+
+
+def _detached(out: object) -> object:
+    """The tensors of a call's result without their autograd graph (the storage only)."""
+    if isinstance(out, (tuple, list)):
+        return tuple(_detached(o) for o in out)
+    detach = getattr(out, "detach", None)
+    return detach() if callable(detach) else None
+
+
+class CallFailed(Exception):
+    """The callable at ``index`` of :func:`measure_interleaved` raised ``error``."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(f"callable {index} failed: {error}")
+        self.index = index
+        self.error = error
+
+
 def measure(fn: Callable[[], object], spec: TimingSpec = TimingSpec(), timer: Timer | None = None) -> Measurement:
     """Warm ``fn`` up, then time it as ``spec`` says; returns every sample.
 
     The number of calls per sample is chosen once, from the last warm-up call, so that a sample
     lasts at least ``spec.min_block_s`` (on a timer that batches calls).
     """
+    try:
+        return measure_interleaved([fn], spec, timer)[0]
+    except CallFailed as failed:
+        raise failed.error from None
+
+
+def measure_interleaved(
+    fns: Sequence[Callable[[], object]], spec: TimingSpec = TimingSpec(), timer: Timer | None = None
+) -> tuple[Measurement, ...]:
+    """Time every callable of ``fns`` in the same rounds; one :class:`Measurement` each.
+
+    Each callable is warmed up (its first call timed apart) and gets its own number of calls per
+    sample, chosen from its last warm-up call. Then every round takes one sample of each, in the
+    order 0, 1, ..., k-1 in even rounds and k-1, ..., 0 in odd ones (ABBA for two: a drift that is
+    linear over a pair of rounds cancels, and neither callable always runs right after the other).
+    Rounds stop as :class:`TimingSpec` says, counting rounds as repeats and the time of every
+    callable's samples together against k times its time limits (for one callable: exactly the
+    rule of a single measurement; for several, the same time budget per callable on average).
+    An exception in one callable is raised as :class:`CallFailed` with its index.
+    """
     timer = CpuTimer() if timer is None else timer
-    first = timer.wall(fn)
-    last = first
-    for _ in range(spec.warmup_calls - 1):
-        last = timer.wall(fn)
-    number = 1
-    if timer.batches and spec.min_block_s > 0:
-        number = max(1, math.ceil(spec.min_block_s / max(last, 1e-9)))
-    times: list[float] = []
+    fns = list(fns)
+    k = len(fns)
+    firsts, lasts, numbers = [], [], []
+    for i, fn in enumerate(fns):
+        try:
+            first = timer.wall(fn)
+            last = first
+            for _ in range(spec.warmup_calls - 1):
+                last = timer.wall(fn)
+        except Exception as exc:  # noqa: BLE001 - the caller tells which callable failed
+            raise CallFailed(i, exc) from exc
+        firsts.append(first)
+        lasts.append(last)
+        number = 1
+        if timer.batches and spec.min_block_s > 0:
+            number = max(1, math.ceil(spec.min_block_s / max(last, 1e-9)))
+        if isinstance(fn, Rotation) and fn.evict is not None:
+            number = min(number, fn.copies)  # every call of a sample reads a copy evicted before it
+        numbers.append(number)
+    times: list[list[float]] = [[] for _ in fns]
     total = 0.0
+    rounds = 0
     while True:
-        dt = timer.sample(fn, number)
-        times.append(dt / number)
-        total += dt
-        n = len(times)
-        if n >= spec.max_repeats:
+        order = range(k) if rounds % 2 == 0 else range(k - 1, -1, -1)
+        for i in order:
+            fn = fns[i]
+            try:
+                if isinstance(fn, Rotation):
+                    fn.before_sample()
+                dt = timer.sample(fn, numbers[i])
+            except Exception as exc:  # noqa: BLE001
+                raise CallFailed(i, exc) from exc
+            times[i].append(dt / numbers[i])
+            total += dt
+        rounds += 1
+        if rounds >= spec.max_repeats:
             break
-        if n >= spec.min_repeats and total >= spec.min_time_s:
+        if rounds >= spec.min_repeats and total >= spec.min_time_s * k:
             break
-        if n >= spec.floor_repeats and total >= spec.max_time_s:
+        if rounds >= spec.floor_repeats and total >= spec.max_time_s * k:
             break
-    return Measurement(tuple(times), number, first)
+    return tuple(Measurement(tuple(t), n, f) for t, n, f in zip(times, numbers, firsts))

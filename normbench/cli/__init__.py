@@ -2,7 +2,10 @@
 render. Each command lives in a module of its own beside this one.
 
 Errors are turned into exits in one place, :meth:`_Group.main`: a :class:`~normbench.errors.UserError`
-from the library or a click usage error becomes one line on stderr and exit code 2.
+from the library or a click usage error becomes one line on stderr and exit code 2; otherwise the
+process exits with what the command returned, which for the commands that record cells is
+:func:`normbench.cli.outcome.finish` of their records (1 when a cell ended in an error or a
+``--fail-on`` threshold tripped, else 0).
 """
 
 from __future__ import annotations
@@ -16,13 +19,19 @@ from normbench.errors import UserError
 
 
 class _Group(click.Group):
-    """A click group that reports every user error as one line and exit code 2."""
+    """A click group that reports every user error as one line and exit code 2, and exits with
+    the code a command returns (an int; None is 0)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        from normbench.results import forget_opened_results, opened_results
+
+        forget_opened_results()
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort:
-            click.echo("Aborted: every finished cell is in the output file.", err=True)
+            files = opened_results()  # only a command that writes --output has its cells on disk
+            click.echo(f"Aborted: every finished cell is in the output file {files[-1]}." if files else "Aborted.",
+                       err=True)
             sys.exit(130)
         except click.ClickException as exc:
             click.echo(f"Error: {exc.format_message()}", err=True)

@@ -98,7 +98,7 @@ def equivalence(
     train_size: int | None, label_noise: float | None, lr: float | None, wd: float | None,
     momentum: float | None, batch_size: int | None, device: str, threads: int, output_dir: str,
     formats: str, retrain: bool, quiet: bool,
-) -> None:
+) -> int:
     """Run the weight-decay / learning-rate equivalence experiments (the paper's first claim) and
     draw them: WD on, WD off, WD off with the per-channel lr correction, norm schedule; BN vs WN vs
     bounded WN; L1 and L-inf batch-norm. Runs are cached in OUTPUT_DIR/cache, so drawing again
@@ -132,6 +132,9 @@ def equivalence(
     else:
         outcome = run_equivalence(config, output_dir, fmt_list, None, retrain)
     _render(outcome, PRIMARY_METRIC)
+    from normbench.cli.outcome import finish
+
+    return finish(outcome.records, noun="run")
 
 
 def _render(outcome, primary: str) -> None:

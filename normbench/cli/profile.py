@@ -33,12 +33,17 @@ import click
 @click.option("--quick", is_flag=True, help="A reduced grid that finishes in well under a minute (CI uses it).")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the results here as cells finish: "
               ".json, .jsonl or .csv.")
-@click.option("--resume", is_flag=True, help="Keep the cells already in --output and run only the others.")
+@click.option("--resume", is_flag=True, help="Keep the cells already in --output and run only the others "
+              "(refused when the file was measured on another device, torch version, thread count or cache mode).")
+@click.option("--force", is_flag=True, help="Overwrite an existing --output file.")
+@click.option("--warm-cache", is_flag=True, help="Hot-cache timing: every repeat reuses inputs left in the cache by the "
+              "call before (default: CPU inputs out of the last-level cache in every repeat, CUDA's L2 flushed).")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (one profiled call per cell).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | None, preset: str | None,
             pass_: str | None, mode: str | None, memory_format: str | None, device: str, threads: int | None,
-            malloc: str, quick: bool, output: str | None, resume: bool, no_memory: bool, quiet: bool) -> None:
+            malloc: str, quick: bool, output: str | None, resume: bool, force: bool, warm_cache: bool,
+            no_memory: bool, quiet: bool) -> int:
     """How fast is each norm layer, per dtype and shape, forward and backward, against torch's own
     layer and against this device's copy bandwidth; and how much memory does it keep for backward?
 
@@ -49,14 +54,12 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
     from normbench.axes import resolve_device
     from normbench.bench import KEY_FIELDS, make_spec, run
     from normbench.bench.runner import prepare_allocator
-    from normbench.errors import UserError
-    from normbench.results import ResultsWriter, environment, schema_name
+    from normbench.results import RESUME_FIELDS, check_output_options, environment, open_results, schema_name
 
-    if resume and not output:
-        raise UserError("--resume needs --output (the file whose finished cells to keep)")
+    check_output_options(output, resume, force)
     spec = make_spec(norm=norm, impl=impl, dtype=dtype, shape=shape, preset=preset, pass_=pass_, mode=mode,
                      memory_format=memory_format, device=device, quick=quick, measure_memory=not no_memory,
-                     threads=threads, malloc=malloc)
+                     threads=threads, malloc=malloc, cache="warm" if warm_cache else "cold")
     dev = resolve_device(spec.device)
     load = _load_average()
     writer = None
@@ -67,7 +70,13 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
         env["threads"] = threads or torch.get_num_threads()
         env["load_average_1m"] = load
         env["malloc"] = prepare_allocator(spec, dev)
-        writer = ResultsWriter(output, schema_name("profile"), env, KEY_FIELDS, resume=resume)
+        env["cache"] = spec.cache
+        if dev == "cpu":
+            from normbench.machine import last_level_cache_total
+
+            env["last_level_cache_bytes"] = last_level_cache_total()
+        writer = open_results(output, schema_name("profile"), env, KEY_FIELDS, resume=resume, force=force,
+                              match=(*RESUME_FIELDS, "cache"))
 
     cores = os.cpu_count() or 1
     if dev == "cpu" and load is not None and load > 0.5 * cores:
@@ -95,6 +104,9 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
     render(shown, out)
     if writer:
         click.echo(f"{len(records)} cells measured, {len(writer.records)} in {writer.path}", err=True)
+    from normbench.cli.outcome import finish
+
+    return finish(shown)
 
 
 def _load_average() -> float | None:
@@ -151,8 +163,10 @@ def render(records: Iterable[dict[str, Any]], console: Any) -> None:
         peaks = sorted(r["peak_gbps"] for r in ok if r.get("peak_gbps"))
         threads = sorted({r.get("threads") for r in rows if r.get("threads")})
         devices = sorted({r.get("device") for r in rows if r.get("device")})
+        caches = sorted({r.get("cache") for r in ok if r.get("cache")})
         caption = (", ".join(devices)
                    + (f", {'/'.join(map(str, threads))} threads" if threads and devices == ["cpu"] else "")
+                   + (f", {'/'.join(caches)} cache" if caches else "")
                    + (f"; copy bandwidth {peaks[len(peaks) // 2]:.1f} GB/s" if peaks else "")
                    + ". time: median ± IQR; GB/s: fewest bytes of the pass / time; "
                    "vs torch: torch's layer time / this time; saved: kept for backward")
@@ -209,17 +223,20 @@ def render(records: Iterable[dict[str, Any]], console: Any) -> None:
 @click.option("--format", "formats", default="png", show_default=True, help="Figure formats: png, svg (comma-separated).")
 @click.option("--metric", type=click.Choice(["gbps", "time"]), default="gbps", show_default=True,
               help="Plot achieved GB/s (against the copy bandwidth) or time (against the speed of light).")
-def plot_profile(file: str, output_dir: str, formats: str, metric: str) -> None:
+def plot_profile(file: str, output_dir: str, formats: str, metric: str) -> int:
     """Draw a `normbench profile` results file: one figure per shape group, a panel per dtype and
     pass, a line per norm and implementation, and the device's copy bandwidth."""
     from normbench.axes import split_list
     from normbench.errors import UserError
-    from normbench.plots.profile import FORMATS, plot_profile_file
+    from normbench.cli.outcome import finish
+    from normbench.plots.profile import FORMATS, read_profile_records
+    from normbench.plots.profile import plot_profile as draw
 
     fmts = [f.lower() for f in split_list(formats)]
     bad = [f for f in fmts if f not in FORMATS]
     if not fmts or bad:
         raise UserError(f"--format: use {', '.join(FORMATS)}, got {formats!r}")
-    paths = plot_profile_file(file, output_dir, formats=fmts, metric=metric)
-    for p in paths:
+    records = read_profile_records(file)
+    for p in draw(records, output_dir, fmts, metric):
         click.echo(str(p))
+    return finish(records)

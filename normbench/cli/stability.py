@@ -98,11 +98,13 @@ def _analytic(a: dict[str, Any] | None) -> str:
 @click.option("--quick", is_flag=True, help="A reduced grid that finishes in seconds (CI uses it).")
 @click.option("--output", type=click.Path(dir_okay=False),
               help="Write the records here as cells finish: .json, .jsonl or .csv.")
-@click.option("--resume", is_flag=True, help="Keep the cells already in --output and run only the others.")
+@click.option("--resume", is_flag=True, help="Keep the cells already in --output and run only the others "
+              "(refused when the file was measured on another device, torch version or thread count).")
+@click.option("--force", is_flag=True, help="Overwrite an existing --output file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def stability(norm: str, dtype: str, compute: str, reduction: str, impl: str, eps: float, case: str | None,
               shape: str | None, input_path: str | None, fp8_compute: str, fail_on: str | None, device: str, quick: bool,
-              output: str | None, resume: bool, quiet: bool) -> None:
+              output: str | None, resume: bool, force: bool, quiet: bool) -> int:
     """Where does each norm layer overflow, underflow or lose accuracy in fp16, bf16 and fp8,
     against a float64 reference, forward and input gradient?
 
@@ -113,10 +115,9 @@ def stability(norm: str, dtype: str, compute: str, reduction: str, impl: str, ep
     from normbench.axes import dtype_name, parse_dtypes, parse_norms, parse_shape, resolve_device, split_list
     from normbench.errors import UserError
     from normbench.numerics.runner import KEY_FIELDS, StabilitySpec, cells, iter_records
-    from normbench.results import environment, schema_name
+    from normbench.results import check_output_options, environment, open_results, schema_name
 
-    if resume and not output:
-        raise UserError("--resume needs --output (the file whose finished cells to keep)")
+    check_output_options(output, resume, force)
     fail_overflow, fail_ulps = parse_fail_on(fail_on)
     dev = resolve_device(device)
     norms = tuple(n.name for n in parse_norms(norm))
@@ -140,8 +141,8 @@ def stability(norm: str, dtype: str, compute: str, reduction: str, impl: str, ep
         fp8_compute=fp8_compute,
     )
     grid = cells(spec)
-    writer = ResultsWriter(output, schema_name("stability"), environment(dev), KEY_FIELDS, resume=resume) \
-        if output else None
+    writer = open_results(output, schema_name("stability"), environment(dev), KEY_FIELDS, resume=resume,
+                          force=force) if output else None
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -160,6 +161,7 @@ def stability(norm: str, dtype: str, compute: str, reduction: str, impl: str, ep
             bar.update(task, advance=1)
     shown = writer.records if writer else records
     _render(shown, spec, output)
+    bad: list[dict[str, Any]] = []
     if fail_overflow or fail_ulps is not None:
         from normbench.numerics.summary import case_label, fails_threshold
 
@@ -171,7 +173,9 @@ def stability(norm: str, dtype: str, compute: str, reduction: str, impl: str, ep
                 f"{first['compute']} {case_label(first['case'])}",
                 err=True,
             )
-            sys.exit(1)
+    from normbench.cli.outcome import finish
+
+    return finish(shown, failed=bool(bad))
 
 
 def _user_table(records: list[dict[str, Any]]) -> Any:
@@ -273,10 +277,13 @@ def _render(records: list[dict[str, Any]], spec: Any, output: str | None) -> Non
 @click.option("--format", "fmt", type=click.Choice(["png", "svg", "pdf"]), default="png", show_default=True)
 @click.option("--compute", type=click.Choice(["native", "framework", "both"]), default="both", show_default=True,
               help="Which compute model's lines to draw (native solid, framework dashed).")
-def plot_stability(file: str, output_dir: str, fmt: str, compute: str) -> None:
+def plot_stability(file: str, output_dir: str, fmt: str, compute: str) -> int:
     """Draw a `normbench stability` results file: error against input scale, one line per norm,
     a panel per dtype, the overflow and underflow bounds marked."""
-    from normbench.plots.stability import plot_stability_file
+    from normbench.cli.outcome import finish
+    from normbench.plots.stability import plot_stability as draw
+    from normbench.plots.stability import read_stability_records
 
-    path = plot_stability_file(file, output_dir, fmt=fmt, compute=compute)
-    click.echo(str(path))
+    records = read_stability_records(file)
+    click.echo(str(draw(records, output_dir, fmt=fmt, compute=compute)))
+    return finish(records)

@@ -76,7 +76,7 @@ def analytic_bounds(
     # the input is flushed: 10% of N(0, sigma^2) lies below 0.1257 sigma
     los.append((storage.smallest_normal / 0.1257, f"10% of inputs subnormal in {dtype}", "input subnormal"))
     eps_c = eps if compute == "framework" else _round_scalar(eps, comp.name)
-    c = dispersion_constant(spec.p, n, spec.k)
+    c = dispersion_constant(spec.p, n, spec.k, center=spec.family != "rmsnorm")
 
     def sigma_for(d: float) -> float:
         """The scale at which the dispersion D equals d."""
@@ -209,8 +209,11 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         others = [r for r in recs if r not in sweep]
         measured = safe_range(sweep)
         analytic = None
-        if sweep:
-            first = sweep[0]
+        # the bounds of a sweep that was measured: a sweep whose cells were all skipped (top-k
+        # larger than the values per statistic) has no layer to bound, and no range to set beside
+        measured_sweep = [r for r in sweep if r.get("status") == "ok"]
+        if measured_sweep:
+            first = measured_sweep[0]
             numel = math.prod(first["case"]["shape"])
             n = first.get("n") or parse_norm(fields["norm"]).reduced_numel(first["case"]["shape"])
             analytic = analytic_bounds(
@@ -252,20 +255,24 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def fails_threshold(record: dict[str, Any], overflow: bool, max_ulps: float | None) -> bool:
     """Whether a record trips ``--fail-on``: ``overflow`` (any overflow or non-finite output or
-    gradient) and/or an error above ``max_ulps`` (output or gradient)."""
-    if record.get("status") != "ok":
+    gradient) and/or an error above ``max_ulps`` (output or gradient). A non-finite value has no
+    bounded error, so a cell with one (its ``err_ulps`` None when no row is finite) fails
+    ``error:N`` too; a cell that ended in an error (``status: "error"``: nothing was measured)
+    fails every ``--fail-on``; a skipped cell none."""
+    status = record.get("status")
+    if status == "error":
+        return overflow or max_ulps is not None
+    if status != "ok":
         return False
-    if overflow and (
-        record.get("overflow")
-        or record.get("grad_overflow")
-        or record.get("nonfinite_fraction", 0) > 0
-        or record.get("grad_nonfinite_fraction", 0) > 0
-    ):
+    nonfinite = (record.get("nonfinite_fraction") or 0) > 0 or (record.get("grad_nonfinite_fraction") or 0) > 0
+    if overflow and (record.get("overflow") or record.get("grad_overflow") or nonfinite):
         return True
     if max_ulps is not None:
+        if nonfinite:
+            return True
         for prefix in ("", "grad_"):
             u = record.get(f"{prefix}err_ulps")
-            if u is not None and u > max_ulps:
+            if u is None or u > max_ulps:
                 return True
     return False
 

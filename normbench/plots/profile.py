@@ -169,6 +169,13 @@ def plot_profile_file(
 ) -> list[Path]:
     """Read a profile results file (any format) and draw it; a UserError if it holds no
     measured cells or another command's results."""
+    return plot_profile(read_profile_records(path), output_dir, formats, metric)
+
+
+def read_profile_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a profile results file (any format), checked to be drawable: a UserError if
+    it holds no measured cells or another command's results. (The CLI keeps them, to exit 1 when
+    one is an error.)"""
     from normbench.errors import UserError
     from normbench.results import read_results, schema_name
 
@@ -180,4 +187,4 @@ def plot_profile_file(
     missing = [f for f in needed if f not in ok[0]]
     if missing:
         raise UserError(f"{path}: records lack {', '.join(missing)}: not a normbench profile file")
-    return plot_profile(res.records, output_dir, formats, metric)
+    return res.records

@@ -32,6 +32,25 @@ def _sweep(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def _check_drawable(sweep: list[dict[str, Any]], formats: dict[str, Any]) -> None:
+    """A UserError unless every sweep record holds what the figure reads (a results file written
+    by hand or by another tool may not): its norm, dtype and compute model, a dtype (and compute
+    dtype) stability measures, the case's scale (a number) and shape (a list of sizes)."""
+    for r in sweep:
+        missing = [f for f in ("norm", "dtype", "compute") if r.get(f) is None]
+        case = r["case"]
+        if not isinstance(case["scale"], (int, float)) or isinstance(case["scale"], bool):
+            missing.append("case scale")
+        shape = case.get("shape")
+        if not isinstance(shape, list) or not shape or not all(isinstance(n, int) and n > 0 for n in shape):
+            missing.append("case shape")
+        if missing:
+            raise UserError(f"stability records lack {', '.join(missing)}: not a normbench stability results file")
+        for field in ("dtype", "compute_dtype"):
+            if r.get(field) is not None and r[field] not in formats:
+                raise UserError(f"a stability record's {field} is {r[field]!r}: use {', '.join(formats)}")
+
+
 def plot_stability(
     records: Iterable[dict[str, Any]],
     output_dir: str | os.PathLike,
@@ -51,6 +70,7 @@ def plot_stability(
         sweep = [r for r in sweep if r.get("compute") == compute]
     if not sweep:
         raise UserError("no Gaussian scale sweep to draw: run `normbench stability` with the gauss case (the default)")
+    _check_drawable(sweep, FORMATS)
 
     import matplotlib
 
@@ -133,12 +153,17 @@ def plot_stability(
     return save_figure(fig, output_dir, name, [fmt], dpi=130)[0]
 
 
-def plot_stability_file(path: str | os.PathLike, output_dir: str | os.PathLike, fmt: str = "png",
-                        compute: str = "both") -> Path:
-    """Read a stability results file (json, jsonl or csv) and draw it; returns the figure's path."""
+def read_stability_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a stability results file (json, jsonl or csv); a UserError for a missing
+    file or another command's results. (The CLI keeps them, to exit 1 when one is an error.)"""
     from normbench.results import read_results, schema_name
 
     if not Path(path).is_file():
         raise UserError(f"{path}: no such results file")
-    res = read_results(path, schema=schema_name("stability"))
-    return plot_stability(res.records, output_dir, fmt=fmt, compute=compute)
+    return read_results(path, schema=schema_name("stability")).records
+
+
+def plot_stability_file(path: str | os.PathLike, output_dir: str | os.PathLike, fmt: str = "png",
+                        compute: str = "both") -> Path:
+    """Read a stability results file (json, jsonl or csv) and draw it; returns the figure's path."""
+    return plot_stability(read_stability_records(path), output_dir, fmt=fmt, compute=compute)

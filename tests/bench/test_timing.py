@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from normbench.bench.timing import CpuTimer, Measurement, TimingSpec, measure
+from normbench.bench.timing import CallFailed, CpuTimer, Measurement, Rotation, TimingSpec, measure, measure_interleaved
 
 
 class FakeClock:
@@ -98,3 +98,89 @@ def test_an_outlier_moves_the_median_not_much():
 def test_bad_timing_specs_are_refused(kwargs):
     with pytest.raises(ValueError):
         TimingSpec(**kwargs)
+
+
+def test_interleaved_rounds_alternate_and_share_the_budget():
+    clock = FakeClock()
+    order = []
+
+    def make(name, cost):
+        def fn():
+            order.append(name)
+            clock.now += cost
+        return fn
+
+    spec = TimingSpec(warmup_calls=2, min_repeats=4, max_repeats=50, min_time_s=0.05, max_time_s=1.0, min_block_s=0,
+                      floor_repeats=2)
+    a, b = measure_interleaved([make("a", 0.001), make("b", 0.004)], spec, CpuTimer(clock))
+    assert order[:4] == ["a", "a", "b", "b"]  # each warmed up (first call apart, then warm-up)
+    rounds = order[4:]
+    assert rounds == ["a", "b", "b", "a"] * (len(rounds) // 4) + ["a", "b"] * (len(rounds) % 4 // 2)
+    assert a.repeats == b.repeats == len(rounds) // 2
+    # stops once the rounds hold 2 x min_time_s of both together: 20 rounds of 5 ms
+    assert a.repeats == 20
+    assert b.median / a.median == pytest.approx(4.0)
+
+
+def test_interleaving_keeps_a_ratio_through_a_drift_that_breaks_sequential_timing():
+    """Calls slow down as the machine's load rises with time; the same two callables timed in the
+    same rounds keep their 2x ratio within 3%, timed one after the other they do not."""
+    clock = FakeClock()
+    start = clock.now
+
+    def make(cost):
+        def fn():
+            clock.now += cost * (1 + 10.0 * (clock.now - start))
+        return fn
+
+    spec = TimingSpec(warmup_calls=1, min_repeats=20, max_repeats=20, min_time_s=0, min_block_s=0, floor_repeats=1)
+    fast, slow = make(0.002), make(0.004)
+    a, b = measure_interleaved([fast, slow], spec, CpuTimer(clock))
+    assert b.median / a.median == pytest.approx(2.0, rel=0.03)
+    clock.now = start
+    a, b = measure(fast, spec, CpuTimer(clock)), measure(slow, spec, CpuTimer(clock))
+    assert b.median / a.median > 2.5
+
+
+def test_a_failing_callable_is_named_by_its_index():
+    def boom():
+        raise ZeroDivisionError("x")
+
+    with pytest.raises(CallFailed) as info:
+        measure_interleaved([lambda: None, boom], TimingSpec(warmup_calls=1, min_repeats=1, floor_repeats=1))
+    assert info.value.index == 1 and isinstance(info.value.error, ZeroDivisionError)
+    with pytest.raises(ZeroDivisionError):  # one callable: its own exception
+        measure(boom)
+
+
+def test_rotation_calls_each_copy_in_turn_and_evicts_before_every_sample():
+    clock = FakeClock()
+    calls, events = [], []
+
+    def copy(i):
+        def fn():
+            calls.append(i)
+            events.append("call")
+            clock.now += 1e-4
+        return fn
+
+    rot = Rotation([copy(i) for i in range(3)], evict=lambda: events.append("evict"))
+    spec = TimingSpec(warmup_calls=1, min_repeats=4, max_repeats=4, min_time_s=0, min_block_s=1e-3, floor_repeats=1)
+    m = measure(rot, spec, CpuTimer(clock))
+    assert m.number == 3  # 10 calls would fill 1 ms; capped at one call per copy since the eviction
+    assert calls == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+    assert events[1:] == ["evict", "call", "call", "call"] * 4  # each sample right after an eviction
+
+
+def test_warm_rotation_primes_its_inputs_before_every_sample():
+    clock = FakeClock()
+    calls = []
+
+    def fn():
+        calls.append(clock.now)
+        clock.now += 0.01
+
+    spec = TimingSpec(warmup_calls=1, min_repeats=3, max_repeats=3, min_time_s=0, min_block_s=0, floor_repeats=1)
+    m = measure(Rotation([fn], prime=True), spec, CpuTimer(clock))
+    assert m.repeats == 3 and len(calls) == 1 + 2 * 3  # an untimed call before each timed one
+    assert m.times == pytest.approx((0.01,) * 3)

@@ -83,3 +83,33 @@ def test_subprocess_entry_point_reports_bad_options(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("Error:") and len(proc.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_a_run_that_ended_in_an_error_exits_1_after_writing_everything(quick_run, monkeypatch):
+    """From the cache (no training): one run's record marked as an error on its way to the
+    results file; the results, the figures and the table are written all the same, then exit 1."""
+    import normbench.experiments.equivalence as equivalence
+
+    out, first = quick_run
+    assert first.exit_code == 0
+    real = equivalence.run
+
+    def run(config, on_record=None, **kwargs):
+        def mark(record):
+            if record["regime"] == "wd_off":
+                record.update(status="error", reason="RuntimeError: boom")
+            if on_record is not None:
+                on_record(record)
+
+        return real(config, on_record=mark, **kwargs)
+
+    monkeypatch.setattr(equivalence, "run", run)
+    for png in out.glob("*.png"):
+        png.unlink()
+    result = CliRunner().invoke(main, ["plot", "equivalence", "--quick", "--quiet", "--output-dir", str(out),
+                                       "--regimes", "wd"])
+    assert result.exit_code == 1, result.output
+    records = read_results(out / "equivalence.json", schema="normbench.equivalence/1").records
+    assert [r["status"] for r in records].count("error") == 2  # wd_off of both seeds
+    assert list(out.glob("*.png")) and "verdict" in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == '2 runs ended in an error (status "error" in the results); exit code 1.'

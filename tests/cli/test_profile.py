@@ -115,24 +115,24 @@ def test_subprocess_entry_point(tmp_path):
 def test_ctrl_c_keeps_every_finished_cell(tmp_path, monkeypatch):
     import normbench.bench.runner as runner
 
-    real = runner.profile_cell
+    real = runner.build_timed_pass
     calls = []
 
-    def interrupted_on_the_third(*args, **kwargs):
+    def interrupted_on_the_third(*args, **kwargs):  # torch l2, eager l2 (timed together), then eager l1
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "profile_cell", interrupted_on_the_third)
+    monkeypatch.setattr(runner, "build_timed_pass", interrupted_on_the_third)
     out = tmp_path / "i.json"
     res = CliRunner().invoke(main, ["profile", *TINY, "--norm", "l2,l1,linf", "--output", str(out)],
                              prog_name="normbench")
     assert res.exit_code == 130
-    assert "every finished cell is in the output file" in res.output
+    assert res.output.strip().splitlines()[-1] == f"Aborted: every finished cell is in the output file {out}."
     kept = read_results(out, schema=schema_name("profile")).records
     assert [r["norm"] for r in kept] == ["l2", "l2"] and all(r["status"] == "ok" for r in kept)
-    monkeypatch.setattr(runner, "profile_cell", real)
+    monkeypatch.setattr(runner, "build_timed_pass", real)
     res = invoke(["profile", *TINY[:-2], "--norm", "l2,l1,linf", "--quiet", "--output", str(out), "--resume"])
     assert res.exit_code == 0 and len(read_results(out).records) == 4
 
@@ -155,3 +155,39 @@ def test_table_shows_compile_time_only_for_implementations_that_compile():
     text = console.export_text()
     assert "compile s" in text and "12.5" in text
     assert text.index("▶ l1 compiled") < text.index("l1 eager")  # fastest first, marked
+
+
+def _error_on_l1(monkeypatch):
+    """Turn every l1 cell's record into an error (as the runner records an unexpected exception),
+    on its way from the runner to the results file."""
+    import normbench.bench as bench
+
+    real = bench.run
+
+    def run(spec, on_record=None, **kwargs):
+        def mark(record):
+            if record["norm"] == "l1":
+                record.update(status="error", reason="RuntimeError: boom")
+            if on_record is not None:
+                on_record(record)
+
+        return real(spec, on_record=mark, **kwargs)
+
+    monkeypatch.setattr(bench, "run", run)
+
+
+def test_an_error_cell_exits_1_after_writing_everything(tmp_path, monkeypatch):
+    _error_on_l1(monkeypatch)
+    out = tmp_path / "p.json"
+    res = invoke(["profile", *TINY, "--output", str(out)])
+    assert res.exit_code == 1, res.output
+    recs = read_results(out, schema=schema_name("profile")).records
+    assert [r["status"] for r in recs].count("error") == 1 and len(recs) == 3  # every cell is in the file
+    assert "l2 torch" in res.stdout and "boom" in res.stdout  # the table, with the error's reason
+    assert res.stderr.strip().splitlines()[-1] == '1 cell ended in an error (status "error" in the results); exit code 1.'
+    # drawing the file: the figures are written, and the exit says the file holds an error
+    monkeypatch.undo()
+    res = invoke(["plot", "profile", str(out), "--output-dir", str(tmp_path / "fig")])
+    assert res.exit_code == 1, res.output
+    assert list((tmp_path / "fig").glob("*.png"))
+    assert res.stderr.strip().splitlines()[-1].startswith("1 cell ended in an error")

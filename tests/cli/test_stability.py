@@ -140,3 +140,68 @@ def test_subprocess_quick_and_plot(tmp_path):
                            str(tmp_path / "fig")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "fig" / "stability.png").stat().st_size > 10_000
+
+
+def test_fail_on_error_counts_cells_whose_output_is_not_finite():
+    """Constant channels with eps=1e-12 in fp16: eps rounds to 0 and 0/0 gives NaN (framework: in
+    the gradient, native: everywhere). Such a cell has no error in ulps; error:N fails it whatever N."""
+    res = invoke(["stability", "--norm", "l2", "--dtype", "fp16", "--case", "constant", "--eps", "1e-12", "--quick",
+                  "--quiet", "--fail-on", "error:1e30"])
+    assert res.exit_code == 1, res.output
+    assert "fail-on error:1e30: 2 of 2 cells fail" in res.stderr
+
+
+def _error_on_l1(monkeypatch):
+    """Make every l1 cell raise an exception that is no reason to skip (a status "error" record)."""
+    import normbench.numerics.runner as runner
+
+    real = runner._measure
+
+    def measure(cell, group, spec):
+        if cell.norm.name == "l1":
+            raise RuntimeError("boom")
+        return real(cell, group, spec)
+
+    monkeypatch.setattr(runner, "_measure", measure)
+
+
+ERROR_LINE = '6 cells ended in an error (status "error" in the results); exit code 1.'
+
+
+def test_an_error_cell_exits_1_after_writing_everything(tmp_path, monkeypatch):
+    _error_on_l1(monkeypatch)
+    out = tmp_path / "s.json"
+    res = invoke(["stability", *SMALL, "--output", str(out)])
+    assert res.exit_code == 1, res.output
+    recs = read_results(out, schema=schema_name("stability")).records
+    assert len(recs) == 12 and sum(r["status"] == "error" for r in recs) == 6  # every cell is in the file
+    assert "normbench stability" in res.stdout and "cells failed with an error" in res.stdout  # and the table
+    assert res.stderr.strip().splitlines()[-1] == ERROR_LINE
+    # --fail-on counts them as failing cells too; the error line stays the last one
+    res = invoke(["stability", *SMALL, "--fail-on", "error:1e30"])
+    assert res.exit_code == 1
+    lines = res.stderr.strip().splitlines()
+    assert lines[-2].startswith("fail-on error:1e30: 6 of 12 cells fail") and lines[-1] == ERROR_LINE
+
+
+def test_plot_stability_of_a_file_with_an_error_cell_draws_it_and_exits_1(tmp_path, monkeypatch):
+    _error_on_l1(monkeypatch)
+    out = tmp_path / "s.jsonl"
+    assert invoke(["stability", *SMALL, "--case", "gauss", "--output", str(out)]).exit_code == 1
+    res = invoke(["plot", "stability", str(out), "--output-dir", str(tmp_path / "fig")])
+    assert res.exit_code == 1, res.output
+    assert (tmp_path / "fig" / "stability.png").stat().st_size > 10_000
+    n_errors = sum(r["status"] == "error" for r in read_results(out).records)
+    assert res.stderr.strip().splitlines()[-1].startswith(f'{n_errors} cells ended in an error')
+
+
+@pytest.mark.parametrize("args", [
+    ["--shape", "2x3", "--case", "gauss", "--norm", "top10"],
+    ["--norm", "top5-layernorm", "--shape", "4x3x2", "--case", "gauss,constant"],
+])
+def test_top_k_larger_than_its_statistic_is_skipped_not_a_traceback(args):
+    """top-k with fewer than k values per statistic: every cell skipped with its reason, the table
+    printed, exit 0 (the summary's analytic bounds used to raise a ValueError: a traceback)."""
+    res = invoke(["stability", "--quick", "--quiet", "--dtype", "fp16", *args])
+    assert res.exit_code == 0, res.output
+    assert "cells skipped: top-" in res.stdout and "needs at least" in res.stdout

@@ -68,3 +68,34 @@ def test_summarize_groups_and_lists_failures():
     assert row["measured"]["lo"] == 1.0 and row["skipped"] == 1
     assert row["worst_err_ulps"] == 1024.0
     assert row["failed_cases"][0]["short"] == "deviation(260) ovf@statistic"
+
+
+def test_fail_on_error_counts_cells_whose_error_is_unbounded():
+    """A non-finite output or gradient has no error in ulps (err_ulps None): error:N fails it, as
+    it fails a cell with any non-finite value; a cell that ended in an error fails every
+    --fail-on, a skipped one none."""
+    all_nan = {"status": "ok", "overflow": False, "grad_overflow": False, "nonfinite_fraction": 1.0,
+               "grad_nonfinite_fraction": 1.0, "err_ulps": None, "grad_err_ulps": None}
+    assert fails_threshold(all_nan, overflow=False, max_ulps=64)
+    grad_nan = {**all_nan, "nonfinite_fraction": 0.0, "err_ulps": 0.0}
+    assert fails_threshold(grad_nan, overflow=False, max_ulps=1e30)
+    partly = {**all_nan, "nonfinite_fraction": 0.25, "err_ulps": 1.0, "grad_nonfinite_fraction": 0.0,
+              "grad_err_ulps": 1.0}
+    assert fails_threshold(partly, overflow=False, max_ulps=64)
+    # no row measured although nothing is counted non-finite (the reference was not finite): unbounded too
+    assert fails_threshold({**grad_nan, "grad_nonfinite_fraction": 0.0}, overflow=False, max_ulps=64)
+    error = {"status": "error", "reason": "RuntimeError: boom"}
+    assert fails_threshold(error, overflow=True, max_ulps=None)
+    assert fails_threshold(error, overflow=False, max_ulps=64)
+    assert not fails_threshold(error, overflow=False, max_ulps=None)
+    assert not fails_threshold({"status": "skipped", "reason": "x"}, overflow=True, max_ulps=64)
+
+
+def test_a_sweep_of_skipped_cells_has_no_analytic_range():
+    """top-10 on a 2x3 shape (2 values per channel): every sweep cell is skipped; the summary has
+    no layer to bound (the analytic bounds used to raise from the top-k constant)."""
+    recs = [{"norm": "top10", "impl": "normbench", "dtype": "fp16", "compute": "framework", "compute_dtype": "fp16",
+             "reduction": None, "eps": 1e-5, "status": "skipped", "reason": "top-10 needs at least 10 values",
+             "case": {"name": "gauss", "scale": s, "shape": [2, 3], "seed": 0}} for s in (0.1, 1.0, 10.0)]
+    (row,) = summarize(recs)
+    assert row["analytic"] is None and row["measured"]["scales"] == 0 and row["skipped"] == 3

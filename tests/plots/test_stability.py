@@ -49,3 +49,22 @@ def test_cli_plot_stability(records, tmp_path):
     other.write_text(json.dumps({"schema": "normbench.profile/1", "environment": {}, "records": []}))
     with pytest.raises(UserError, match="expected normbench.stability/1"):
         plot_stability_file(other, tmp_path)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda r: {"status": "ok", "case": r["case"]}, "lack norm, dtype, compute"),
+    (lambda r: {**r, "case": {**r["case"], "shape": "2x3"}}, "lack case shape"),
+    (lambda r: {**r, "case": {**r["case"], "scale": "big"}}, "lack case scale"),
+    (lambda r: {**r, "dtype": "fp99"}, "dtype is 'fp99'"),
+])
+def test_a_hand_written_sweep_record_is_a_one_line_error_not_a_traceback(records, tmp_path, edit, words):
+    """A results file whose Gaussian-sweep records lack what the figure reads (written by hand or
+    by another tool): a UserError naming what is missing (it used to be a KeyError or TypeError)."""
+    sweep = [r for r in records if r["case"]["name"] == "gauss"]
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"schema": "normbench.stability/1", "environment": {},
+                                "records": [edit(sweep[0])] + sweep[1:4]}))
+    res = CliRunner().invoke(main, ["plot", "stability", str(path), "--output-dir", str(tmp_path)], prog_name="normbench")
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and words in lines[0]
