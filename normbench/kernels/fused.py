@@ -11,8 +11,12 @@ The formulation is shaped for memory traffic (docs/performance.md has the byte m
   ``a = weight / D`` and ``b = bias - mu * a`` (the numba kernels: ``y = (x - mu) * a + bias``, free
   of cancellation when ``|mu|`` is much larger than D);
 - backward: one pass that reduces ``sum(dy)`` and ``sum(dy * xhat)`` (and for p=1 ``sum(sign)``)
-  together, then one elementwise pass; top-k and the maximum add the term of their k positions
-  per channel by a scatter (the Triton kernels count tied maxima in the two passes instead).
+  together, then one elementwise pass. Top-k and the maximum follow the tie rule of
+  :func:`~normbench.kernels.reference.tie_weights`: forward keeps the threshold t (the k-th
+  largest deviation, the statistic itself for the maximum; no positions), the reduction pass also
+  counts G and E (the deviations above and at t) and their sign sums (:func:`tie_counts`), and
+  the elementwise pass weighs each sign by a compare with t (1 above, ``(k - G) / E`` at it). The
+  numba kernels list in forward where t is reached and do that work there only.
 
 On the CPU the numba kernels of :mod:`normbench.kernels.numba_bn` run it (float32, float64 and
 bfloat16; a thread per group of adjacent channels, kept in cache between passes); on CUDA the Triton
@@ -168,12 +172,13 @@ def _block_extrema(x3: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _stats_topk(x3: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean, mean of the k largest |x - mu| and their offsets in the (contiguous) canonical view,
-    per channel.
+    """Mean, mean of the k largest |x - mu| and the threshold t (the k-th largest; the statistic
+    itself for k = 1), per channel.
 
     One pass over x finds the sum and each block's max and min; a block's largest deviation is
     ``max(max - mu, mu - min)``, and the k largest deviations lie in the k blocks with the largest
-    such bound. Only those blocks are gathered and searched."""
+    such bound. Only those blocks are gathered and searched. t is computed as backward recomputes
+    |x - mu| (the same mean, in the compute dtype), so backward's compares with it are exact."""
     a_len, c, b_len = x3.shape
     cdt = compute_dtype(x3.dtype)
     # blocks of whole rows when they are long (the row extremes are what a vectorized reduction
@@ -194,10 +199,10 @@ def _stats_topk(x3: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     pos = (start[:, :, None] + torch.arange(bs, device=x3.device) * step).reshape(c, -1)
     dev = (x3.view(-1)[pos].to(cdt) - mean[:, None]).abs()
     if k == 1:
-        vals, sel = dev.max(1, keepdim=True)
-    else:
-        vals, sel = dev.topk(k, dim=1, sorted=False)
-    return mean, vals.mean(1), pos.gather(1, sel)
+        stat = dev.amax(1)
+        return mean, stat, stat
+    vals = dev.topk(k, dim=1, sorted=False).values
+    return mean, vals.mean(1), vals.amin(1)
 
 
 @_maybe_compiled
@@ -219,52 +224,76 @@ def _apply(x3, mean, scale, weight, bias):
     return (x3.to(scale.dtype) * _v(a) + _v(b)).to(x3.dtype)
 
 
+def tie_counts(u3: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """(C, 4) int64 per channel of the deviations ``u3`` (a canonical view) against the threshold
+    t: [E, S_eq, G, S_gt], how many |u| equal t and the sum of their signs, how many exceed it and
+    the sum of theirs (all exact integers)."""
+    a, t = u3.abs(), _v(threshold)
+    at, above, pos, neg = a == t, a > t, u3 > 0, u3 < 0
+    return torch.stack([_sum02(at), _sum02(at & pos) - _sum02(at & neg),
+                        _sum02(above), _sum02(above & pos) - _sum02(above & neg)], 1)
+
+
+def tie_terms(counts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From tie counts ([E, S_eq, G, S_gt] per channel), float64 per channel: the weight
+    ``(k - G) / E`` the ties at the threshold share (the tie rule of
+    :func:`~normbench.kernels.reference.tie_weights`), and ``sum(sign(u) w) = S_gt + S_eq (k - G) / E``."""
+    n_eq, s_eq, n_gt, s_gt = counts.double().unbind(1)
+    weq = (k - n_gt) / n_eq.clamp(min=1)  # E = 0 only for NaN input, where nothing compares
+    return weq, s_gt + s_eq * weq
+
+
 @_maybe_compiled
-def _backward_moments(x3, gy3, mean, scale, p: float):
+def _backward_moments(x3, gy3, mean, scale, threshold, p: float):
     """Per-channel sums for backward, in one pass: sum(dy), sum(dy * xhat), and for p=1
-    sum(sign(u)) (the fourth value is unused here; the Triton kernels count ties in it)."""
+    sum(sign(u)), for top-k and the maximum the tie counts against the threshold
+    (:func:`tie_counts`), else None."""
     cdt = scale.dtype
     u = x3.to(cdt) - _v(mean)
     g = gy3.to(cdt)
     sum_g, sum_gx = _sum02(g), _sum02(g * u) / scale
-    return sum_g, sum_gx, _sum02(torch.sign(u)) if p == 1 else sum_g, sum_g
+    if p == 1:
+        return sum_g, sum_gx, _sum02(torch.sign(u))
+    return sum_g, sum_gx, None if threshold is None else tie_counts(u, threshold)
 
 
 @_maybe_compiled
-def _backward_apply(x3, gy3, mean, scale, stat, weight, sum_g, sum_gx, s3, s4, p: float, const: float, n: int,
-                    positions: bool):
-    """The input gradient. With ``positions`` (top-k, the maximum) only the channel mean ``s3 / n``
-    of the top-k term is applied here; the caller scatters its k terms."""
+def _backward_apply(x3, gy3, mean, scale, weight, sum_g, sum_gx, coef, sign_mean, threshold, weq, p: float, n: int):
+    """The input gradient ``a * (dy - mean(dy) - term)``, ``a = weight / D`` per channel: p=2
+    ``term = u sum(dy xhat) / (n D)``; p=1 ``coef (sign(u) - sign_mean)``; top-k and the maximum
+    ``coef (sign(u) w - sign_mean)``, w the tie weights (1 above the threshold, ``weq`` at it, 0
+    below) and ``sign_mean`` their signed channel mean."""
     cdt = scale.dtype
     u = x3.to(cdt) - _v(mean)
     a = 1.0 / scale if weight is None else weight.to(cdt) / scale
     dx = gy3.to(cdt) - _v(sum_g / n)
-    if positions:
-        dx = dx + _v(s3 / n)
-    elif p == 2:
+    if p == 2:
         dx = dx - u * _v(sum_gx / (n * scale))
+    elif threshold is None:
+        dx = dx - (torch.sign(u) - _v(sign_mean)) * _v(coef)
     else:
-        dx = dx - (torch.sign(u) - _v(s3 / n)) * _v(const * sum_gx / n)
+        d, t = u.abs(), _v(threshold)
+        w = torch.where(d > t, 1.0, torch.where(d == t, _v(weq), 0.0))
+        dx = dx - (torch.sign(u) * w - _v(sign_mean)) * _v(coef)
     return (dx * _v(a)).to(x3.dtype)
 
 
 def _stats_torch(x3: torch.Tensor, p: float, k: int | None):
-    if k is not None:
-        return _stats_topk(x3, k)
-    if p == math.inf:  # the maximum is top-1: its position spares backward a tie mask
-        return _stats_topk(x3, 1)
+    if k is not None or p == math.inf:  # the maximum is top-1
+        return _stats_topk(x3, k or 1)
     mean, stat = _stats_moments(x3, p)
     return mean, stat, None
 
 
-def _backward_sums_torch(x3, gy3, mean, scale, stat, p: float, k: int | None):
-    # L-inf and top-k take their sign sum over their own positions (in FusedLpBatchNorm.backward)
-    return _backward_moments(x3, gy3, mean, scale, p)
-
-
 class FusedLpBatchNorm(torch.autograd.Function):
     """Lp batch-norm of (N, C, *) input in training mode: ``(y, mean, stat)`` as
-    :class:`~normbench.kernels.analytic.LpNormFunction` returns them (mean and stat flat, per channel)."""
+    :class:`~normbench.kernels.analytic.LpNormFunction` returns them (mean and stat flat, per channel).
+
+    Backward keeps x, the weight, and per channel the mean and D; for top-k and the maximum also
+    the threshold t (the k-th largest deviation: the statistic itself for the maximum) and, from
+    the numba kernels, where the deviations that reach it lie (a count and one int32 per chunk,
+    about k a channel; :func:`normbench.kernels.numba_bn.forward`). The torch stages and the
+    Triton kernels count the ties in backward's reduction pass instead."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, p: float, k: int | None, eps: float):
@@ -274,52 +303,54 @@ class FusedLpBatchNorm(torch.autograd.Function):
             raise ValueError(f"top-k needs k <= the {n} values per statistic, got k={k}")
         const = dispersion_constant(p, n, k)
         cpu_kernels = _numba_kernels(x)
+        hot = None
         if cpu_kernels:
-            y3, mean, stat, scale, pos = cpu_kernels.forward(x3, weight, bias, p, k, const, eps)
+            y3, mean, stat, scale, threshold, hot = cpu_kernels.forward(x3, weight, bias, p, k, const, eps)
         else:
             kernels = _triton_kernels(x)
-            mean, stat, pos = (kernels.statistics if kernels else _stats_torch)(x3, p, k)
+            mean, stat, threshold = (kernels.statistics if kernels else _stats_torch)(x3, p, k)
             scale = (stat + eps).sqrt() if p == 2 else stat * const + eps
             y3 = (kernels.apply if kernels else _apply)(x3, mean, scale, weight, bias)
         ctx.p, ctx.k, ctx.n, ctx.const = p, k, n, const
         ctx.bias = None if bias is None else (bias.shape, bias.dtype)
-        ctx.save_for_backward(x, weight, mean, scale, stat, pos)
+        ctx.save_for_backward(x, weight, mean, scale, threshold, hot)
         ctx.mark_non_differentiable(mean, stat)
         return uncanonical(y3, x), mean, stat
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_stat):
-        x, weight, mean, scale, stat, pos = ctx.saved_tensors
+        x, weight, mean, scale, threshold, hot = ctx.saved_tensors
         p, k, n, const = ctx.p, ctx.k, ctx.n, ctx.const
         x3 = canonical(x)
         gy3 = canonical(grad_y.contiguous(memory_format=_memory_format(x)))
         cpu_kernels = _numba_kernels(x)
         if cpu_kernels:
-            gx3, sum_g, sum_gx = cpu_kernels.backward(x3, gy3, weight, mean, scale, p, k, const, pos)
+            gx3, sum_g, sum_gx = cpu_kernels.backward(x3, gy3, weight, mean, scale, p, k, const, threshold, hot)
         else:
-            gx3, sum_g, sum_gx = _backward_torch_or_triton(x, x3, gy3, weight, mean, scale, stat, pos, p, k, n, const)
+            gx3, sum_g, sum_gx = _backward_torch_or_triton(x, x3, gy3, weight, mean, scale, threshold, p, k, n, const)
         grad_x = uncanonical(gx3, x) if ctx.needs_input_grad[0] else None
         grad_w = sum_gx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = sum_g.to(ctx.bias[1]) if ctx.bias is not None and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def _backward_torch_or_triton(x, x3, gy3, weight, mean, scale, stat, pos, p, k, n, const):
-    """``(grad_x3, sum_g, sum_gx)`` by the Triton kernels or the torch stages."""
+def _backward_torch_or_triton(x, x3, gy3, weight, mean, scale, threshold, p, k, n, const):
+    """``(grad_x3, sum_g, sum_gx)`` by the Triton kernels or the torch stages: one reduction pass
+    (which also counts the ties against the threshold for top-k and the maximum), one elementwise
+    pass."""
     kernels = _triton_kernels(x)
-    sums = kernels.backward_sums if kernels else _backward_sums_torch
-    sum_g, sum_gx, s3, s4 = sums(x3, gy3, mean, scale, stat, p, k)
-    if pos is not None:
-        # D depends only on the k largest |u_j| (the max: k=1): c = Ck/k * sum(dy * xhat) per
-        # channel; its channel mean goes in the elementwise pass, the k terms by scatter
-        c = const * sum_gx / pos.shape[1]
-        sign_k = torch.sign(x3.view(-1)[pos].to(scale.dtype) - mean[:, None])
-        s3 = c * sign_k.sum(1)
-    args = (x3, gy3, mean, scale, stat, weight, sum_g, sum_gx, s3, s4, p, const, n, pos is not None)
+    scale = scale.to(compute_dtype(x3.dtype))  # the numba kernels' D is float64: |u| as forward had it
+    sums = kernels.backward_sums if kernels else _backward_moments
+    sum_g, sum_gx, extra = sums(x3, gy3, mean, scale, threshold, p)
+    coef = sign_mean = weq = None
+    if p == 1:
+        coef, sign_mean = const * sum_gx / n, extra / n
+    elif threshold is not None:  # D depends on the k largest |u_j|: dD/du_j = Ck/k sign(u_j) w_j
+        kk = k or 1
+        weq, signed = tie_terms(extra, kk)
+        weq, coef, sign_mean = weq.to(scale.dtype), const * sum_gx / kk, (signed / n).to(scale.dtype)
+    args = (x3, gy3, mean, scale, weight, sum_g, sum_gx, coef, sign_mean, threshold, weq, p, n)
     gx3 = (kernels.backward_apply if kernels else _backward_apply)(*args)
-    if pos is not None:
-        a = 1.0 / scale if weight is None else weight.to(scale.dtype) / scale
-        gx3.view(-1).index_add_(0, pos.reshape(-1), (-(a * c)[:, None] * sign_k).reshape(-1).to(gx3.dtype))
     return gx3, sum_g, sum_gx
 
 

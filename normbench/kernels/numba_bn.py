@@ -20,14 +20,24 @@ throughout for float64 input). bfloat16 travels as its int16 bits and is widened
 Top-k (the maximum is top-1): both layouts bound each block's largest deviation by its max and
 min (blocks of a row's values, or of rows of a channel) and search only the values that reach the
 k-th largest bound (:func:`_search_blocks`); small k are kept by insertion as values are met,
-larger k by a stable sort of the candidates. Ties go to the first positions in both.
+larger k by a partition of the candidates. Only values are kept, no positions: the gradient
+follows the tie rule of :func:`normbench.kernels.reference.tie_weights` (weight 1 above the k-th
+largest deviation t, the k - G left shared by the E deviations equal to t), which positions
+cannot express. Forward keeps t per channel (the statistic itself for the maximum), computed as
+backward recomputes ``|x - mu|`` (the same mean rounded to the same arithmetic, one subtraction),
+so backward's compares with t are exact, and lists where the deviations that reach t are: the
+chunks of ``_CHUNK`` values (rows layout; the search takes each chunk's maximum anyway) or the
+blocks of rows (columns) whose largest deviation reaches t, at most G + E of them (k without
+ties), with room for ``_HOT_SPARE`` more. Backward counts G, E and the sign sums over
+``{|u| > t}`` and ``{|u| == t}`` in the listed stretches only and adds the tie term there alone
+(rows; the columns kernels apply it with a compare per value); a channel with more stretches than
+forward had room for (heavy ties, as in integer-valued input) counts in the reduction pass and
+applies the term with a compare per value.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import numba
 import numpy as np
@@ -149,7 +159,7 @@ def _cast_impl(arr, v):
 
 
 _CHUNK = 16  # top-k search: values whose maximum is taken before a value-by-value look
-_INSERT_K = 32  # top-k: the largest k selected by insertion rather than a partition or a sort
+_INSERT_K = 32  # top-k: the largest k kept by insertion rather than found by a partition
 _BLOCK = 256  # top-k: the extent of the block extrema that bound where the k largest can be
 
 
@@ -176,7 +186,8 @@ def _row_sum_and_block_extrema(x, a, c, block_hi, block_lo):
 @njit(inline="always")
 def _block_bounds(x, mu_c, hi, lo):
     """Each block's largest deviation ``max(hi - mu, mu - lo)`` from its max and min, in the
-    arithmetic of the values, so that each bound is exactly some value's deviation."""
+    arithmetic of the values, so that each bound is exactly some value's deviation (rounding is
+    monotone: ``hi - mu`` rounds to the largest rounded ``x - mu`` of the block)."""
     bound = np.empty(hi.shape[0])
     for j in range(hi.shape[0]):
         bound[j] = max(_cast(x, hi[j]) - mu_c, mu_c - _cast(x, lo[j]))
@@ -184,19 +195,16 @@ def _block_bounds(x, mu_c, hi, lo):
 
 
 @njit(inline="always")
-def _insert(top, at, v, pos):
-    """Put ``v`` (met at ``pos``) into ``top``, the k largest so far in descending order (``at``
-    their positions), when it beats the last; an equal value goes behind the ones met before it."""
+def _insert(top, v):
+    """Put ``v`` into ``top``, the k largest so far in descending order, when it beats the last."""
     k = top.shape[0]
     if not v > top[k - 1]:
         return
     i = k - 1
     while i > 0 and top[i - 1] < v:
         top[i] = top[i - 1]
-        at[i] = at[i - 1]
         i -= 1
     top[i] = v
-    at[i] = pos
 
 
 @njit(inline="always")
@@ -212,73 +220,69 @@ def _floor(bound, k):
     if k > _INSERT_K:
         return np.partition(bound, blocks - k)[blocks - k]
     top = np.full(k, -np.inf)
-    at = np.empty(k, np.int64)
     for j in range(blocks):
-        _insert(top, at, bound[j], j)
+        _insert(top, bound[j])
     return top[k - 1]
 
 
 @njit(inline="always")
 def _candidate_space(bound, low, per_block, k):
-    """Room for every value of the blocks whose bound reaches ``low``: deviations and offsets (none
-    for k <= ``_INSERT_K``: :func:`_meet` inserts those values as they are met)."""
+    """Room for every value of the blocks whose bound reaches ``low`` (none for k <= ``_INSERT_K``:
+    :func:`_meet` inserts those values as they are met)."""
     searched = 0
     if k > _INSERT_K:
         for j in range(bound.shape[0]):
             searched += bound[j] >= low
-    return np.empty(searched * per_block), np.empty(searched * per_block, np.int64)
+    return np.empty(searched * per_block)
 
 
 @njit(inline="always")
-def _meet(d, pos, vals, where, cand_d, cand_at, m):
-    """A value that reaches the floor, met in memory order: inserted among the k largest so far
-    for small k, else kept as the m-th candidate for :func:`_take_largest`. The new count of
-    candidates."""
+def _meet(d, vals, cand, m):
+    """A deviation that reaches the floor: inserted among the k largest so far for small k, else
+    kept as the m-th candidate for :func:`_take_largest`. The new count of candidates."""
     if vals.shape[0] <= _INSERT_K:
-        _insert(vals, where, d, pos)
+        _insert(vals, d)
         return m
-    cand_d[m] = d
-    cand_at[m] = pos
+    cand[m] = d
     return m + 1
 
 
 @njit(inline="always")
-def _take_largest(cand_d, cand_at, vals, where):
-    """For k > ``_INSERT_K``, the k largest candidates (met in memory order) into ``vals``/``where``,
-    largest first, by a stable sort, so ties keep the first positions (smaller k are already
-    there: inserted as met; numba's sort of every value of a channel, when fewer blocks than k
-    leave no floor, cost 20 us a channel)."""
-    if vals.shape[0] <= _INSERT_K:
+def _take_largest(cand, vals):
+    """For k > ``_INSERT_K``, the k largest candidates into ``vals`` by a partition, the k-th
+    largest last (smaller k are already there, inserted as met, in descending order)."""
+    k, m = vals.shape[0], cand.shape[0]
+    if k <= _INSERT_K or m < k:  # m < k only for NaN input, where nothing compares
         return
-    order = np.argsort(-cand_d, kind="mergesort")
-    for i in range(min(vals.shape[0], cand_d.shape[0])):
-        vals[i] = cand_d[order[i]]
-        where[i] = cand_at[order[i]]
+    part = np.partition(cand, m - k)
+    vals[k - 1] = part[m - k]
+    vals[:k - 1] = part[m - k + 1:]
 
 
 @njit(inline="always")
-def _search_blocks(x, c, mu_c, block_hi, block_lo, vals, where):
-    """The k largest |x - mu| of channel c (rows layout) and their flat offsets into ``vals`` and
-    ``where`` (``vals`` filled with -1). A block's largest deviation is ``max(hi - mu, mu - lo)``,
-    and the k-th largest such bound is a floor for the k-th largest deviation. So only the values
-    that reach it are candidates: they are collected in memory order from the blocks whose bound
-    reaches it (value by value only in the chunks of ``_CHUNK`` values whose maximum does, and
-    beats the k-th largest met so far), and the k largest kept, ties at the first positions
-    (:func:`_meet`). k = 1 is the maximum: the first value that reaches it."""
-    n_a, n_c, n_b = x.shape
+def _search_blocks(x, c, mu_c, bound, vals, hot):
+    """The k largest |x - mu| of channel c (rows layout) into ``vals`` (filled with -1), the k-th
+    largest t last (the values only: the tie rule makes positions irrelevant), and the chunks of
+    ``_CHUNK`` values that reach t into ``hot`` (:func:`_list_hot`). The k-th largest block bound
+    (``bound``, :func:`_block_bounds`; -1 with fewer blocks than k) is a floor for t, so only the
+    values that reach it are candidates: met in memory order in the blocks whose bound reaches it,
+    value by value only in the chunks whose maximum does and beats the k-th largest kept so far.
+    Each such chunk's maximum is kept, and the chunks whose maximum reaches t are the hot ones.
+    k = 1 is the maximum: the largest bound, whose blocks are only scanned for their hot chunks."""
+    n_b = x.shape[2]
     per_row = (n_b + _BLOCK - 1) // _BLOCK
     k = vals.shape[0]
-    bound = _block_bounds(x, mu_c, block_hi, block_lo)
     low = _floor(bound, k)
-    cand_d, cand_at = _candidate_space(bound, low, _BLOCK, k)
-    m = 0
-    if low < 0:  # fewer blocks than k: every value is a candidate, met row by row
-        for a in range(n_a):
-            row = x[a, c]
-            for b in range(n_b):
-                m = _meet(abs(_load1(row, b) - mu_c), (a * n_c + c) * n_b + b, vals, where, cand_d, cand_at, m)
-        _take_largest(cand_d[:m], cand_at, vals, where)
-        return
+    if k == 1:
+        vals[0] = low
+    searched = 0
+    for j in range(bound.shape[0]):
+        searched += bound[j] >= low
+    cand = np.empty(searched * _BLOCK if k > _INSERT_K else 0)
+    per_block = (min(n_b, _BLOCK) + _CHUNK - 1) // _CHUNK
+    seen_at = np.empty(searched * per_block, np.int64)
+    seen_top = np.empty(searched * per_block)
+    m = seen = 0
     for j in range(bound.shape[0]):
         if not bound[j] >= low:
             continue
@@ -289,21 +293,80 @@ def _search_blocks(x, c, mu_c, block_hi, block_lo, vals, where):
             top = _cast(x, -1.0)
             for i in range(chunk.shape[0]):
                 top = _maxnum(top, abs(_load1(chunk, i) - mu_c))
-            if top < low or not top > vals[k - 1]:
+            if top < low:
                 continue
-            at0 = (a * n_c + c) * n_b + b0 + q
+            seen_at[seen] = a * n_b + b0 + q
+            seen_top[seen] = top
+            seen += 1
+            if k == 1 or not top > vals[k - 1]:
+                continue
             for i in range(chunk.shape[0]):
                 d = abs(_load1(chunk, i) - mu_c)
                 if d >= low:
-                    if k == 1:
-                        vals[0] = d
-                        where[0] = at0 + i
-                        return
-                    m = _meet(d, at0 + i, vals, where, cand_d, cand_at, m)
-    if k == 1:  # NaN input: nothing compares; any position of the channel
-        where[0] = c * n_b
-        return
-    _take_largest(cand_d[:m], cand_at, vals, where)
+                    m = _meet(d, vals, cand, m)
+    _take_largest(cand[:m], vals)
+    _list_hot(seen_at[:seen], seen_top[:seen], vals[k - 1], hot)
+
+
+@njit(inline="always")
+def _list_hot(at, top, t, hot):
+    """Of the stretches starting at ``at`` with largest deviations ``top``, those that reach the
+    threshold t (the only ones holding a deviation that reaches it, and at most G + E of them: k
+    without hidden ties) into ``hot``: their number first, then their starts while there is room
+    (a count beyond the room: too many to list)."""
+    nhot = 0
+    for i in range(at.shape[0]):
+        if top[i] >= t:
+            if nhot < hot.shape[0] - 1:
+                hot[1 + nhot] = at[i]
+            nhot += 1
+    hot[0] = nhot
+
+
+@njit(inline="always")
+def _count_tie(u, t, run):
+    """Add one deviation ``u`` that reaches the threshold t to the tie counts (:func:`_count_ties`)."""
+    s = np.int64(u > 0) - np.int64(u < 0)
+    if abs(u) > t:
+        run[2] += 1
+        run[3] += s
+    else:
+        run[0] += 1
+        run[1] += s
+
+
+@njit(inline="always")
+def _count_ties(x, a0, a1, c, b0, b1, mu_c, t, run):
+    """Add the deviations of channel c's values ``x[a0:a1, c, b0:b1]`` to the tie counts ``run``
+    against the threshold ``t``: (E, S_eq, G, S_gt) = how many |u| equal t and the sum of their
+    signs, how many exceed it and the sum of theirs."""
+    n_eq = s_eq = n_gt = s_gt = 0
+    for a in range(a0, a1):
+        for b in range(b0, b1):  # scalar accumulators: the loop vectorizes
+            u = _load(x, a, c, b) - mu_c
+            d = abs(u)
+            s = np.int64(u > 0) - np.int64(u < 0)
+            eq = np.int64(d == t)
+            gt = np.int64(d > t)
+            n_eq += eq
+            s_eq += s * eq
+            n_gt += gt
+            s_gt += s * gt
+    run[0] += n_eq
+    run[1] += s_eq
+    run[2] += n_gt
+    run[3] += s_gt
+
+
+_HOT_SPARE = 15  # top-k: room for this many hot stretches beyond k (ties at the threshold) a channel
+
+
+@njit(inline="always")
+def _tie_weight(counts, k):
+    """From tie counts (E, S_eq, G, S_gt): the weight ``(k - G) / E`` the ties at the threshold
+    share and the channel's ``sum(sign(u) w) = S_gt + S_eq (k - G) / E``."""
+    weq = (k - counts[2]) / max(counts[0], 1)  # E = 0 only for NaN input, where nothing compares
+    return weq, counts[3] + counts[1] * weq
 
 
 @njit(inline="always")
@@ -313,7 +376,7 @@ def _scale_of(stat, p_code, const, eps):
 
 # ----------------------------------------------------------------------------- rows (B > 1)
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _forward_rows(x, y, w, bias, p_code, k, const, eps, group, mean_out, stat_out, scale_out, pos_out):
+def _forward_rows(x, y, w, bias, p_code, k, const, eps, group, mean_out, stat_out, scale_out, thr_out, hot_out):
     n_a, n_c, n_b = x.shape
     n = n_a * n_b
     per_row = (n_b + _BLOCK - 1) // _BLOCK
@@ -349,12 +412,12 @@ def _forward_rows(x, y, w, bias, p_code, k, const, eps, group, mean_out, stat_ou
         for j in range(m):
             c = c0 + j
             if topk:
+                mu_c = _cast(x, mean[j])  # as backward recomputes |x - mu|: the threshold compares exactly
+                bound = _block_bounds(x, mu_c, block_hi[j], block_lo[j])
                 vals = np.full(k, -1.0)
-                where = np.zeros(k, np.int64)
-                _search_blocks(x, c, _cast(x, mean[j]), block_hi[j], block_lo[j], vals, where)
+                _search_blocks(x, c, mu_c, bound, vals, hot_out[c])
                 stat = vals.sum() / k
-                for i in range(k):
-                    pos_out[c, i] = where[i]
+                thr_out[c] = vals[k - 1]
             else:
                 stat = dev[j] / n
             scale = _scale_of(stat, p_code, const, eps)
@@ -378,14 +441,52 @@ def _sgn(x, u):
     return _cast(x, u > 0) - _cast(x, u < 0)
 
 
+@njit(inline="always")
+def _tie_term(u, t, above, at):
+    """The top-k term ``sign(u) w(|u|) * coef`` of deviation ``u``: ``above`` (the coefficient)
+    beyond the threshold ``t``, ``at`` (the shared weight (k - G) / E times it) on it, 0 below;
+    negated for u < 0. Selects only (no sign arithmetic), which measured 25% faster in bf16;
+    ``at`` must be 0 where t = 0, whose ties have sign 0. (The conditional expressions stay out of
+    the store's argument: numba 0.68 compiled one there, after a nested one, to no stores.)"""
+    d = abs(u)
+    cf = above if d > t else (at if d == t else above - above)
+    signed = -cf if u < 0 else cf
+    return signed
+
+
+@njit(inline="always")
+def _reaching(x, c, mu_c, t, hot, counts, where):
+    """In channel c's listed hot chunks (rows layout), the deviations that reach the threshold t:
+    their tie counts into ``counts`` and their offsets ``a * B + b`` into ``where`` (the only
+    values with a tie term, about k a channel without ties); their number."""
+    n_b = x.shape[2]
+    found = 0
+    for i in range(hot[0]):
+        a, b0 = hot[1 + i] // n_b, hot[1 + i] % n_b
+        for b in range(b0, min(b0 + _CHUNK, n_b)):
+            u = _load(x, a, c, b) - mu_c
+            if abs(u) >= t:
+                _count_tie(u, t, counts)
+                where[found] = a * n_b + b
+                found += 1
+    return found
+
+
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _backward_rows(x, g, dx, w, mean, scale, p_code, const, group, pos, sum_g_out, sum_gx_out):
+def _backward_rows(x, g, dx, w, mean, scale, p_code, k, const, group, thr, hot, sum_g_out, sum_gx_out):
     n_a, n_c, n_b = x.shape
     n = n_a * n_b
+    per_row = (n_b + _BLOCK - 1) // _BLOCK
+    room = hot.shape[1] - 1
     for grp in prange((n_c + group - 1) // group):
         c0 = grp * group
         m = min(group, n_c - c0)
         signs = np.empty((m, n_a * n_b if p_code == P_L1 else 0), np.int8)
+        # top-k: tie counts (E, S_eq, G, S_gt); channels with more hot chunks than forward listed
+        # count them in the reduction pass, the others in their hot chunks afterwards
+        counts = np.zeros((m, 4), np.int64)
+        where = np.empty((m, room * _CHUNK if p_code == P_TOPK else 0), np.int64)  # offsets a * B + b
+        reach = np.zeros(m, np.int64)
         sum_g = np.zeros(m)
         sum_gu = np.zeros(m)
         sum_sign = np.zeros(m)
@@ -411,13 +512,17 @@ def _backward_rows(x, g, dx, w, mean, scale, p_code, const, group, pos, sum_g_ou
                         gv = _load(g, a, c, b)
                         r_g += gv
                         r_gu += gv * (_load(x, a, c, b) - mu_c)
+                    if p_code == P_TOPK and hot[c, 0] > room:
+                        _count_ties(x, a, a + 1, c, 0, n_b, mu_c, _cast(x, thr[c]), counts[j])
                 sum_g[j] += r_g
                 sum_gu[j] += r_gu
                 sum_sign[j] += r_s
-        # dx = mul * (g - mean(g) - coef_u * u - coef_s * (sign(u) [at the top-k] - its mean))
+        # dx = mul * (g - mean(g) - coef_u * u - coef_s * (sign(u) w - its mean)): w = 1 for L1, the
+        # tie weights for top-k
         k_g = np.empty(m)
         k_0 = np.empty(m)
-        k_x = np.empty(m)  # the coefficient of u (L2) or of sign(u) (L1, top-k)
+        k_x = np.empty(m)  # the coefficient of u (L2) or of sign(u) w (L1, top-k)
+        k_at = np.zeros(m)  # top-k: the coefficient of sign(u) at the threshold, k_x (k - G) / E
         for j in range(m):
             c = c0 + j
             sc = scale[c]
@@ -428,12 +533,15 @@ def _backward_rows(x, g, dx, w, mean, scale, p_code, const, group, pos, sum_g_ou
                 k_0[j] = -mul * sum_g[j] / n
                 k_x[j] = -mul * sum_gx / (n * sc)
             else:
-                coef_s = const * sum_gx / (n if p_code == P_L1 else pos.shape[1])
+                coef_s = const * sum_gx / (n if p_code == P_L1 else k)
+                signed = sum_sign[j]
                 if p_code == P_TOPK:
-                    for i in range(pos.shape[1]):
-                        at = pos[c, i]
-                        sum_sign[j] += _sgn(x, _load(x, at // (n_c * n_b), c, at % n_b) - _cast(x, mean[c]))
-                k_0[j] = mul * (coef_s * sum_sign[j] / n - sum_g[j] / n)
+                    if hot[c, 0] <= room:  # the listed hot chunks hold every deviation that reaches t
+                        reach[j] = _reaching(x, c, _cast(x, mean[c]), _cast(x, thr[c]), hot[c], counts[j], where[j])
+                    weq, signed = _tie_weight(counts[j], k)
+                    # ties at t = 0 have sign 0: their term vanishes (as _tie_term needs)
+                    k_at[j] = 0.0 if thr[c] == 0 else -mul * coef_s * weq
+                k_0[j] = mul * (coef_s * signed / n - sum_g[j] / n)
                 k_x[j] = -mul * coef_s
             sum_g_out[c] = sum_g[j]
             sum_gx_out[c] = sum_gx
@@ -449,18 +557,23 @@ def _backward_rows(x, g, dx, w, mean, scale, p_code, const, group, pos, sum_g_ou
                     row_s = signs[j, a * n_b:(a + 1) * n_b]
                     for b in range(n_b):
                         _store(dx, a, c, b, _load(g, a, c, b) * kg + k0 + _cast(x, row_s[b]) * kx)
-                else:
+                elif hot[c, 0] > room:  # too many hot chunks: the tie term everywhere
+                    t_c, kx_at = _cast(x, thr[c]), _cast(x, k_at[j])
+                    for b in range(n_b):
+                        term = _tie_term(_load(x, a, c, b) - mu_c, t_c, kx, kx_at)
+                        _store(dx, a, c, b, _load(g, a, c, b) * kg + k0 + term)
+                else:  # w = 0 outside the hot chunks, which are redone below
                     for b in range(n_b):
                         _store(dx, a, c, b, _load(g, a, c, b) * kg + k0)
-        if p_code == P_TOPK:
+        if p_code == P_TOPK:  # the deviations that reach t, with their tie term (in cache with the group)
             for j in range(m):
                 c = c0 + j
-                mu_c = _cast(x, mean[c])
-                kg, k0, kx = _cast(x, k_g[j]), _cast(x, k_0[j]), _cast(x, k_x[j])
-                for i in range(pos.shape[1]):
-                    at = pos[c, i]
-                    a, b = at // (n_c * n_b), at % n_b
-                    _store(dx, a, c, b, _load(g, a, c, b) * kg + k0 + _sgn(x, _load(x, a, c, b) - mu_c) * kx)
+                mu_c, t_c = _cast(x, mean[c]), _cast(x, thr[c])
+                kg, k0, kx, kx_at = _cast(x, k_g[j]), _cast(x, k_0[j]), _cast(x, k_x[j]), _cast(x, k_at[j])
+                for i in range(reach[j]):
+                    a, b = where[j, i] // n_b, where[j, i] % n_b
+                    term = _tie_term(_load(x, a, c, b) - mu_c, t_c, kx, kx_at)
+                    _store(dx, a, c, b, _load(g, a, c, b) * kg + k0 + term)
 
 
 # ----------------------------------------------------------------------------- columns (B = 1)
@@ -508,26 +621,52 @@ def _col_deviation(x, bounds, mean, p_code, out):
 
 
 @njit(parallel=True, cache=True)
-def _col_topk(x, mean, hi, lo, vals, where):
-    """Per channel, the k largest |x - mu| and their flat offsets into vals/where of shape (C, k)
-    (filled with -1 and 0 by the caller), as the rows kernels search: the k-th largest bound of
-    the channel's row blocks (from ``hi``/``lo`` of :func:`_col_sums`) is a floor, the values of
-    the blocks that reach it are the candidates, and ties stay at the first rows (:func:`_meet`)."""
+def _col_topk(x, mean, hi, lo, vals, thr, hot):
+    """Per channel, the k largest |x - mu| into vals (C, k) (filled with -1 by the caller), the
+    k-th largest last and in ``thr``, and the blocks that reach it into ``hot``
+    (:func:`_list_hot`), as the rows kernels search: the k-th largest bound of the channel's
+    row blocks (from ``hi``/``lo`` of :func:`_col_sums`) is a floor, and the values of the blocks
+    that reach it are the candidates."""
     n_a, n_c = x.shape[0], x.shape[1]
+    k = vals.shape[1]
     for c in prange(n_c):
         mu_c = _cast(x, mean[c])
         bound = _block_bounds(x, mu_c, hi[:, c], lo[:, c])
-        low = _floor(bound, vals.shape[1])
-        cand_d, cand_at = _candidate_space(bound, low, _COL_BLOCK, vals.shape[1])
-        m = 0
-        for j in range(bound.shape[0]):
-            if not bound[j] >= low:
-                continue
-            for a in range(j * _COL_BLOCK, min((j + 1) * _COL_BLOCK, n_a)):
-                d = abs(_load(x, a, c, 0) - mu_c)
-                if d >= low:
-                    m = _meet(d, a * n_c + c, vals[c], where[c], cand_d, cand_at, m)
-        _take_largest(cand_d[:m], cand_at, vals[c], where[c])
+        low = _floor(bound, k)
+        if k == 1:  # the maximum: the largest bound
+            vals[c, 0] = low
+        else:
+            cand = _candidate_space(bound, low, _COL_BLOCK, k)
+            m = 0
+            for j in range(bound.shape[0]):
+                if not bound[j] >= low:
+                    continue
+                for a in range(j * _COL_BLOCK, min((j + 1) * _COL_BLOCK, n_a)):
+                    d = abs(_load(x, a, c, 0) - mu_c)
+                    if d >= low:
+                        m = _meet(d, vals[c], cand, m)
+            _take_largest(cand[:m], vals[c])
+        thr[c] = vals[c, k - 1]
+        _list_hot(np.arange(bound.shape[0]), bound, vals[c, k - 1], hot[c])
+
+
+@njit(parallel=True, cache=True)
+def _col_ties(x, mean, thr, hot, k, weq, signed):
+    """Per channel, the tie counts against the threshold (in its hot blocks of ``_COL_BLOCK`` rows,
+    or in every row where forward listed too many) and from them :func:`_tie_weight`'s weight
+    ``weq`` and signed sum ``signed``."""
+    n_a, n_c = x.shape[0], x.shape[1]
+    room = hot.shape[1] - 1
+    for c in prange(n_c):
+        mu_c, t_c = _cast(x, mean[c]), _cast(x, thr[c])
+        counts = np.zeros(4, np.int64)
+        if hot[c, 0] > room:
+            _count_ties(x, 0, n_a, c, 0, 1, mu_c, t_c, counts)
+        else:
+            for i in range(hot[c, 0]):
+                j = hot[c, 1 + i]
+                _count_ties(x, j * _COL_BLOCK, min((j + 1) * _COL_BLOCK, n_a), c, 0, 1, mu_c, t_c, counts)
+        weq[c], signed[c] = _tie_weight(counts, k)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -559,13 +698,20 @@ def _col_backward_sums(x, g, bounds, mean, p_code, out):
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _col_backward_apply(x, g, dx, bounds, mean, k_g, k_0, k_u, k_s):
+def _col_backward_apply(x, g, dx, bounds, mean, k_g, k_0, k_u, k_s, thr, k_at, p_code):
+    """dx = g k_g + k_0 + u k_u + sign(u) k_s per channel; for top-k the tie term of
+    :func:`_tie_term` instead (k_s beyond the threshold ``thr``, ``k_at`` on it)."""
     n_c = x.shape[1]
     for t in prange(bounds.shape[0] - 1):
         for a in range(bounds[t], bounds[t + 1]):
-            for c in range(n_c):
-                u = _load(x, a, c, 0) - mean[c]
-                _store(dx, a, c, 0, _load(g, a, c, 0) * k_g[c] + k_0[c] + u * k_u[c] + _sgn(x, u) * k_s[c])
+            if p_code == P_TOPK:
+                for c in range(n_c):
+                    term = _tie_term(_load(x, a, c, 0) - mean[c], thr[c], k_s[c], k_at[c])
+                    _store(dx, a, c, 0, _load(g, a, c, 0) * k_g[c] + k_0[c] + term)
+            else:
+                for c in range(n_c):
+                    u = _load(x, a, c, 0) - mean[c]
+                    _store(dx, a, c, 0, _load(g, a, c, 0) * k_g[c] + k_0[c] + u * k_u[c] + _sgn(x, u) * k_s[c])
 
 
 # ----------------------------------------------------------------------------- torch entry points
@@ -613,14 +759,12 @@ def _slices(a_len: int, align: int = 1) -> np.ndarray:
     return np.minimum(np.linspace(0, units, count + 1).astype(np.int64) * align, a_len)
 
 
-@functools.cache
 def _last_level_cache() -> int:
-    """Bytes of the last-level (L3) cache, 32 MiB where the system does not say."""
-    try:
-        size = os.sysconf("SC_LEVEL3_CACHE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        size = 0
-    return size if size > 0 else 32 << 20
+    """Bytes of the last-level (L3) cache: the package's one reader, :mod:`normbench.machine`
+    (cached there; 32 MiB where the system does not say)."""
+    from normbench.machine import last_level_cache
+
+    return last_level_cache()
 
 
 def _group(x3: torch.Tensor) -> int:
@@ -650,22 +794,40 @@ def _sync_threads() -> None:
         numba.set_num_threads(want)
 
 
+def _tie_outputs(x3, p_code, k, stat_t, thr, hot):
+    """``(threshold, hot)`` as forward returns them: for top-k and the maximum the k-th largest
+    deviation per channel (the statistic itself for the maximum) and where the deviations that
+    reach it are (:func:`_list_hot`: their number, then the start of each; rows layout: chunks
+    of ``_CHUNK`` values, starting at ``a * B + b``; columns layout: blocks of ``_COL_BLOCK``
+    rows), int32 (int64 from 2^31 values a channel), only as wide as the most any channel listed;
+    (None, None) otherwise."""
+    if p_code != P_TOPK:
+        return None, None
+    threshold = stat_t if k == 1 else _per_channel(x3, thr)[0]
+    most = int(hot[:, 0].max(initial=0))
+    kept = hot[:, : 1 + min(hot.shape[1] - 1, most)]
+    return threshold, torch.from_numpy(np.ascontiguousarray(kept, np.int32 if most < 2**31 else np.int64))
+
+
 def forward(x3: torch.Tensor, weight, bias, p: float, k: int | None, const: float, eps: float):
-    """``(y3, mean, stat, scale, pos)``: output in x's dtype; per-channel mean and raw statistic
-    (in the compute dtype: float64 for float64 input, else float32) and dispersion D (float64);
-    top-k / max positions as flat offsets (C, k), else None."""
+    """``(y3, mean, stat, scale, threshold, hot)``: output in x's dtype; per-channel mean and raw
+    statistic (in the compute dtype: float64 for float64 input, else float32) and dispersion D
+    (float64); for top-k and the maximum the threshold t (the k-th largest |x - mu|, in the
+    compute dtype, computed as backward recomputes |x - mu|) and the blocks that reach it
+    (:func:`_tie_outputs`), else None and None."""
     _sync_threads()
     a_len, c, b_len = x3.shape
     p_code = _p_code(p, k)
     kk = 1 if k is None else k
     y3 = torch.empty_like(x3)
     w, b = _params(weight, bias, c)
+    thr = np.full(c, -1.0)
+    hot = np.zeros((c, kk + _HOT_SPARE + 1 if p_code == P_TOPK else 1), np.int64)
     if b_len > 1:
         mean, stat, scale = np.empty(c), np.empty(c), np.empty(c)
-        pos = np.zeros((c, kk), np.int64)
-        _forward_rows(_np(x3), _np(y3), w, b, p_code, kk, const, eps, _group(x3), mean, stat, scale, pos)
-        pos_t = torch.from_numpy(pos) if p_code == P_TOPK else None
-        return y3, *_per_channel(x3, mean, stat), torch.from_numpy(scale), pos_t
+        _forward_rows(_np(x3), _np(y3), w, b, p_code, kk, const, eps, _group(x3), mean, stat, scale, thr, hot)
+        mean_t, stat_t = _per_channel(x3, mean, stat)
+        return y3, mean_t, stat_t, torch.from_numpy(scale), *_tie_outputs(x3, p_code, kk, stat_t, thr, hot)
     xn = _np(x3)
     acc = np.float64 if x3.dtype == torch.float64 else np.float32
     topk = p_code == P_TOPK
@@ -675,12 +837,10 @@ def forward(x3: torch.Tensor, weight, bias, p: float, k: int | None, const: floa
     sums = np.empty((len(bounds) - 1, c), acc)
     _col_sums(xn, bounds, sums, hi, lo)
     mean = sums.astype(np.float64).sum(0) / a_len
-    pos_t = None
     if topk:
-        vals, where = np.full((c, kk), -1.0), np.zeros((c, kk), np.int64)
-        _col_topk(xn, mean.astype(acc), hi, lo, vals, where)
+        vals = np.full((c, kk), -1.0)
+        _col_topk(xn, mean.astype(acc), hi, lo, vals, thr, hot)
         stat = vals.mean(1)
-        pos_t = torch.from_numpy(where)
     else:
         dev = np.empty_like(sums)
         _col_deviation(xn, bounds, mean.astype(acc), p_code, dev)
@@ -688,23 +848,32 @@ def forward(x3: torch.Tensor, weight, bias, p: float, k: int | None, const: floa
     scale = np.sqrt(stat + eps) if p_code == P_L2 else stat * const + eps
     mul = w / scale
     _col_apply(xn, _np(y3), bounds, mean.astype(acc), mul.astype(acc), b.astype(acc))
-    return y3, *_per_channel(x3, mean, stat), torch.from_numpy(scale), pos_t
+    mean_t, stat_t = _per_channel(x3, mean, stat)
+    return y3, mean_t, stat_t, torch.from_numpy(scale), *_tie_outputs(x3, p_code, kk, stat_t, thr, hot)
 
 
-def backward(x3, gy3, weight, mean, scale, p: float, k: int | None, const: float, pos):
+def backward(x3, gy3, weight, mean, scale, p: float, k: int | None, const: float, threshold, hot):
     """``(grad_x3, sum_g, sum_gx)``: the input gradient and per-channel ``sum(dy)`` and
-    ``sum(dy * xhat)`` (float64), the weight's and bias's gradients."""
+    ``sum(dy * xhat)`` (float64), the weight's and bias's gradients. ``threshold`` and ``hot`` are
+    forward's (top-k and the maximum; without ``hot``, as when forward ran on the torch stages,
+    every value is looked at)."""
     _sync_threads()
     a_len, c, b_len = x3.shape
     n = a_len * b_len
     p_code = _p_code(p, k)
+    kk = 1 if k is None else k
     dx3 = torch.empty_like(x3)
     w, _ = _params(weight, None, c)
     mean_n, scale_n = _f64(mean), _f64(scale)
-    pos_n = np.zeros((c, 1), np.int64) if pos is None else pos.numpy()
+    thr = np.full(c, -1.0) if threshold is None else _f64(threshold)
+    if hot is None:  # one column, a count beyond it: every value of every channel (int32: no new compile)
+        hot_n = np.full((c, 1), np.iinfo(np.int32).max if p_code == P_TOPK else 0, np.int32)
+    else:
+        hot_n = hot.numpy()
     if b_len > 1:
         sum_g, sum_gx = np.empty(c), np.empty(c)
-        _backward_rows(_np(x3), _np(gy3), _np(dx3), w, mean_n, scale_n, p_code, const, _group(x3), pos_n, sum_g, sum_gx)
+        _backward_rows(_np(x3), _np(gy3), _np(dx3), w, mean_n, scale_n, p_code, kk, const, _group(x3), thr, hot_n,
+                       sum_g, sum_gx)
         return dx3, torch.from_numpy(sum_g), torch.from_numpy(sum_gx)
     xn, gn, bounds = _np(x3), _np(gy3), _slices(a_len)
     acc = np.float64 if x3.dtype == torch.float64 else np.float32
@@ -714,17 +883,13 @@ def backward(x3, gy3, weight, mean, scale, p: float, k: int | None, const: float
     sum_gx = sum_gu / scale_n
     mul = w / scale_n
     coef_u = sum_gx / (n * scale_n) if p_code == P_L2 else np.zeros(c)
-    coef_s = np.zeros(c) if p_code == P_L2 else const * sum_gx / (n if p_code == P_L1 else pos_n.shape[1])
+    coef_s = np.zeros(c) if p_code == P_L2 else const * sum_gx / (n if p_code == P_L1 else kk)
+    weq = np.zeros(c)
     if p_code == P_TOPK:
-        pos_t = torch.from_numpy(pos_n)
-        signs = (x3.reshape(-1)[pos_t].to(_acc(x3)) - mean.to(_acc(x3))[:, None]).sign().double().numpy()
-        sum_sign = signs.sum(1)
+        _col_ties(xn, mean_n.astype(acc), thr, hot_n, kk, weq, sum_sign)
     k_0 = mul * (coef_s * sum_sign / n - sum_g / n)
-    k_s = -mul * coef_s if p_code == P_L1 else np.zeros(c)
+    k_s = -mul * coef_s
+    k_at = np.where(thr == 0, 0.0, k_s * weq)  # ties at t = 0 have sign 0 (as _tie_term needs)
     _col_backward_apply(xn, gn, _np(dx3), bounds, mean_n.astype(acc), mul.astype(acc), k_0.astype(acc),
-                        (-mul * coef_u).astype(acc), k_s.astype(acc))
-    if p_code == P_TOPK:
-        g_top = gy3.reshape(-1)[pos_t].double().numpy()
-        top = g_top * mul[:, None] + k_0[:, None] - (mul * coef_s)[:, None] * signs
-        dx3.view(-1)[pos_t.reshape(-1)] = torch.from_numpy(top.reshape(-1)).to(dx3.dtype)
+                        (-mul * coef_u).astype(acc), k_s.astype(acc), thr.astype(acc), k_at.astype(acc), p_code)
     return dx3, torch.from_numpy(sum_g), torch.from_numpy(sum_gx)

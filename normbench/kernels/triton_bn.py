@@ -10,9 +10,15 @@ contiguous channels and rows. Partial results of the slices are combined by a fe
 - ``_stats_kernel``: sum, max and min per channel (L-inf: one pass), or Welford mean and M2 (L2:
   one pass); L1 runs it for the mean, then ``_absdev_kernel`` for ``sum |x - mu|``.
 - ``_apply_kernel``: ``y = x * a[c] + b[c]``.
-- ``_bwd_sums_kernel``: ``sum(dy)``, ``sum(dy * u)`` and the p-specific sums in one pass.
-- ``_bwd_apply_kernel``: the elementwise input gradient.
-Top-k statistics use torch ops (:func:`normbench.kernels.fused._stats_topk`), the rest these kernels.
+- ``_bwd_sums_kernel``: ``sum(dy)``, ``sum(dy * u)`` and the p-specific sums in one pass: for L1
+  ``sum(sign(u))``, for top-k and the maximum the tie counts against the threshold t (the k-th
+  largest |u|): E and G, the deviations at and above t, and their sign sums.
+- ``_bwd_apply_kernel``: the elementwise input gradient; for top-k and the maximum each sign is
+  weighed by the tie rule (:func:`normbench.kernels.reference.tie_weights`) with a compare
+  against t: 1 above it, ``(k - G) / E`` at it, 0 below (for the maximum, tied maxima share).
+Top-k statistics (mean, statistic, t) use torch ops (:func:`normbench.kernels.fused._stats_topk`);
+t is computed in the arithmetic the kernels recompute ``|x - mu|`` in (float32, float64 for
+float64), so their compares with it are exact. The rest runs on these kernels.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import triton.language as tl
 
 # At most this many programs share one channel's reduction (enough to fill a GPU's SMs).
 MAX_SPLITS = 256
-P_L2, P_L1, P_MAX, P_TOPK = 0, 1, 2, 3
+P_L2, P_L1, P_THRESHOLD = 0, 1, 2  # the kernels' P: top-k and the maximum share P_THRESHOLD
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -121,18 +127,23 @@ def _apply_kernel(X, Y, A, BSH, C, B, total, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _bwd_sums_kernel(X, G, MEAN, STAT, OUT, C, B, N, per_split, n_iter,
+def _bwd_sums_kernel(X, G, MEAN, THR, OUT, C, B, N, per_split, n_iter,
                      P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr):
+    """sum(dy), sum(dy * u); P=1 (L1): sum(sign(u)); P=2 (top-k, the maximum): the tie counts
+    against the threshold t, E, S_eq, G, S_gt (how many |u| equal t and their sign sum, how many
+    exceed it and theirs)."""
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     acc_dt = OUT.dtype.element_ty
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mean = tl.load(MEAN + ch, mask=ch < C, other=0.0)
-    stat = tl.load(STAT + ch, mask=ch < C, other=0.0)
+    thr = tl.load(THR + ch, mask=ch < C, other=0.0)
     sg = tl.zeros([BLOCK_C], dtype=acc_dt)
     sgu = tl.zeros([BLOCK_C], dtype=acc_dt)
     s3 = tl.zeros([BLOCK_C], dtype=acc_dt)
     s4 = tl.zeros([BLOCK_C], dtype=acc_dt)
+    s5 = tl.zeros([BLOCK_C], dtype=acc_dt)
+    s6 = tl.zeros([BLOCK_C], dtype=acc_dt)
     for it in range(n_iter):
         ch, offs, mask = _tile_offsets(pid_c, pid_s, it, C, B, N, per_split, BLOCK_C, BLOCK_I)
         x = tl.load(X + offs, mask=mask, other=0.0).to(acc_dt)
@@ -144,20 +155,26 @@ def _bwd_sums_kernel(X, G, MEAN, STAT, OUT, C, B, N, per_split, n_iter,
         if P == 1:
             s3 += tl.sum(sgn, axis=1)
         if P == 2:
-            tie = tl.where(mask & (tl.abs(u) == stat[:, None]), 1.0, 0.0)
-            s3 += tl.sum(tie * sgn, axis=1)
-            s4 += tl.sum(tie, axis=1)
-    base = pid_s * 4 * C + ch
+            d = tl.abs(u)
+            tie = tl.where(mask & (d == thr[:, None]), 1.0, 0.0)
+            above = tl.where(mask & (d > thr[:, None]), 1.0, 0.0)
+            s3 += tl.sum(tie, axis=1)
+            s4 += tl.sum(tie * sgn, axis=1)
+            s5 += tl.sum(above, axis=1)
+            s6 += tl.sum(above * sgn, axis=1)
+    base = pid_s * 6 * C + ch
     tl.store(OUT + base, sg, mask=ch < C)
     tl.store(OUT + base + C, sgu, mask=ch < C)
     tl.store(OUT + base + 2 * C, s3, mask=ch < C)
     tl.store(OUT + base + 3 * C, s4, mask=ch < C)
+    tl.store(OUT + base + 4 * C, s5, mask=ch < C)
+    tl.store(OUT + base + 5 * C, s6, mask=ch < C)
 
 
 @triton.jit
-def _bwd_apply_kernel(X, G, DX, MEAN, STAT, A, K1, K2, K3, C, B, total,
+def _bwd_apply_kernel(X, G, DX, MEAN, THR, A, K1, K2, K3, K4, C, B, total,
                       P: tl.constexpr, BLOCK: tl.constexpr):
-    """dx = a * (g - k1 - term): k1 = sum(dy)/n; term per p from the per-channel K2, K3."""
+    """dx = a * (g - k1 - term): k1 = sum(dy)/n; term per p from the per-channel K2, K3, K4."""
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = e < total
     c = (e // B) % C
@@ -176,12 +193,12 @@ def _bwd_apply_kernel(X, G, DX, MEAN, STAT, A, K1, K2, K3, C, B, total,
         dx = dx - u * k2
     if P == 1:  # L1: k2 = C1 sum(dy xhat) / n, k3 = sum(sign) / n
         dx = dx - (sgn - k3) * k2
-    if P == 2:  # max: k2 = Cinf sum(dy xhat) / ties, k3 = sum(sign over ties) / n
-        stat = tl.load(STAT + c, mask=mask, other=0.0)
-        tie = tl.where(tl.abs(u) == stat, 1.0, 0.0)
-        dx = dx - (tie * sgn - k3) * k2
-    if P == 3:  # top-k: k3 = the channel mean of its term (its k positions added by scatter)
-        dx = dx + k3
+    if P == 2:  # top-k, the maximum: k2 = Ck sum(dy xhat) / k, k3 = sum(sign w) / n, k4 = (k - G) / E
+        thr = tl.load(THR + c, mask=mask, other=0.0)
+        k4 = tl.load(K4 + c, mask=mask, other=0.0)
+        d = tl.abs(u)
+        w = tl.where(d > thr, 1.0, tl.where(d == thr, k4, 0.0))
+        dx = dx - (sgn * w - k3) * k2
     tl.store(DX + e, (dx * a).to(DX.dtype.element_ty), mask=mask)
 
 
@@ -199,7 +216,8 @@ def _reduce_launch(kernel, x3: torch.Tensor, out_rows: int, *args, **meta) -> to
 
 
 def statistics(x3: torch.Tensor, p: float, k: int | None):
-    """(mean, raw statistic, top-k positions or None) per channel of a canonical view."""
+    """(mean, raw statistic, threshold or None) per channel of a canonical view: the threshold of
+    the tie rule, the k-th largest |x - mu|, for top-k and the maximum (there the statistic)."""
     if k is not None:
         from normbench.kernels.fused import _stats_topk
 
@@ -214,7 +232,9 @@ def statistics(x3: torch.Tensor, p: float, k: int | None):
     mean = total.sum(0) / n
     if p == 1:
         return mean, _reduce_launch(_absdev_kernel, x3, 1, mean.contiguous())[:, 0].sum(0) / n, None
-    return mean, torch.maximum(high.amax(0) - mean, mean - low.amin(0)), None
+    # rounding is monotone, so max - mu and mu - min are exactly the largest rounded |x - mu|
+    stat = torch.maximum(high.amax(0) - mean, mean - low.amin(0))
+    return mean, stat, stat
 
 
 def apply(x3: torch.Tensor, mean, scale, weight, bias) -> torch.Tensor:
@@ -229,43 +249,42 @@ def apply(x3: torch.Tensor, mean, scale, weight, bias) -> torch.Tensor:
     return y
 
 
-def _p_code(p: float, k: int | None) -> int:
-    if k is not None:
-        return P_TOPK
-    return {2.0: P_L2, 1.0: P_L1, math.inf: P_MAX}[p]
+def _p_code(p: float, threshold) -> int:
+    """The kernels' P: 0 = L2, 1 = L1, 2 = top-k and the maximum (a threshold)."""
+    return P_THRESHOLD if threshold is not None else (P_L2 if p == 2 else P_L1)
 
 
-def backward_sums(x3, gy3, mean, scale, stat, p: float, k: int | None):
-    """(sum(dy), sum(dy * xhat), s3, s4) per channel, as :func:`normbench.kernels.fused._backward_moments`."""
-    code = _p_code(p, k)
-    # the kernel's P selects the extra sums: 1 = sign (L1), 2 = ties (max); others none
-    extra = {P_L1: 1, P_MAX: 2}.get(code, 0)
-    part = _reduce_launch(_bwd_sums_kernel, x3, 4, gy3, mean.contiguous(), stat.contiguous(), P=extra).sum(0)
-    sum_g, sum_gu, s3, s4 = part.unbind(0)
-    if extra == 0:
-        s3 = s4 = sum_g
-    elif extra == 1:
-        s4 = sum_g
-    return sum_g, sum_gu / scale, s3, s4
+def backward_sums(x3, gy3, mean, scale, threshold, p: float):
+    """(sum(dy), sum(dy * xhat), extra) per channel, as :func:`normbench.kernels.fused._backward_moments`:
+    extra is sum(sign(u)) for L1, the tie counts (C, 4) [E, S_eq, G, S_gt] for a threshold, else None."""
+    code = _p_code(p, threshold)
+    thr = mean if threshold is None else threshold
+    part = _reduce_launch(_bwd_sums_kernel, x3, 6, gy3, mean.contiguous(), thr.contiguous(), P=code)
+    sums = part.sum(0)
+    sum_g, sum_gx = sums[0], sums[1] / scale
+    if code == P_L1:
+        return sum_g, sum_gx, sums[2]
+    if code == P_L2:
+        return sum_g, sum_gx, None
+    return sum_g, sum_gx, part[:, 2:].double().sum(0).t()  # counts exact in float64 across splits
 
 
-def backward_apply(x3, gy3, mean, scale, stat, weight, sum_g, sum_gx, s3, s4, p, const, n, topk):
+def backward_apply(x3, gy3, mean, scale, weight, sum_g, sum_gx, coef, sign_mean, threshold, weq, p, n):
     """The input gradient, as :func:`normbench.kernels.fused._backward_apply`."""
-    code = P_TOPK if topk else _p_code(p, None)
+    code = _p_code(p, threshold)
     a = 1.0 / scale if weight is None else weight.to(scale.dtype) / scale
     k1 = sum_g / n
     if code == P_L2:
         k2, k3 = sum_gx / (n * scale), sum_g
-    elif code == P_L1:
-        k2, k3 = const * sum_gx / n, s3 / n
-    elif code == P_MAX:
-        k2, k3 = const * sum_gx / s4, s3 / n
     else:
-        k2, k3 = sum_g, s3 / n
+        k2, k3 = coef.to(scale.dtype), sign_mean.to(scale.dtype)
+    thr = mean if threshold is None else threshold
+    k4 = k3 if weq is None else weq
     dx = torch.empty_like(x3)
     total = x3.numel()
     block = 1024
     _bwd_apply_kernel[(triton.cdiv(total, block),)](
-        x3, gy3, dx, mean.contiguous(), stat.contiguous(), a.contiguous(),
-        k1.contiguous(), k2.contiguous(), k3.contiguous(), x3.shape[1], x3.shape[2], total, P=code, BLOCK=block)
+        x3, gy3, dx, mean.contiguous(), thr.contiguous(), a.contiguous(),
+        k1.contiguous(), k2.contiguous(), k3.contiguous(), k4.contiguous(), x3.shape[1], x3.shape[2], total,
+        P=code, BLOCK=block)
     return dx

@@ -36,29 +36,50 @@ def test_bf16_store_rounds_as_torch_does():
     assert torch.equal(got.view(torch.int16)[-1:] , want.view(torch.int16)[-1:]), "-0.0 keeps its sign"
 
 
+def _stretch_of_each_value(x3):
+    """Which listed stretch each value of a canonical view lies in, numbered as forward lists them:
+    rows layout (B > 1) the start a * B + b of its chunk of _CHUNK values, columns layout its block
+    a // _COL_BLOCK of rows."""
+    a_len, _, b_len = x3.shape
+    a = torch.arange(a_len)[:, None, None]
+    b = torch.arange(b_len)[None, None, :]
+    if b_len > 1:
+        return (a * b_len + b // numba_bn._CHUNK * numba_bn._CHUNK).expand(x3.shape)
+    return (a // numba_bn._COL_BLOCK).expand(x3.shape)
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("k", [None, 3, 20, 40])  # 20: fewer blocks than k (no floor), by insertion; 40: by sort
-def test_topk_search_finds_the_largest_deviations_with_ties(fmt, k):
-    # bf16's coarse grid makes many deviations equal: the kept values must still be the k largest
+@pytest.mark.parametrize("k", [None, 3, 20, 40])  # 20: fewer blocks than k (no floor), by insertion; 40: by partition
+def test_topk_search_finds_the_threshold_and_where_it_is_reached(fmt, k):
+    # bf16's coarse grid and integers make many deviations equal: the statistic must still be the
+    # mean of the k largest, the threshold the k-th largest exactly (as backward recomputes |x - mu|),
+    # and the hot stretches every chunk (block of rows) holding a deviation that reaches it (positions no longer matter:
+    # the tie rule shares the gradient among equal deviations)
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(8, 3, 20, 13, generator=g) * 3).to(torch.bfloat16).contiguous(memory_format=fmt)
     x[:4] = torch.randint(-4, 5, (4, 3, 20, 13), generator=g).to(x.dtype)  # ties by the hundred
+    x[4:, 2] = x[4:, 2] * 0.01  # channel 2: the integers alone reach the top
+    x[:4, 2, :, :6] = 0.0
     x3 = fused.canonical(x)
     kk = 1 if k is None else k
-    _, mean, stat, _, pos = numba_bn.forward(x3, None, None, math.inf, k, 1.0, 1e-5)
-    dev = (x3.float() - mean.float()[None, :, None]).abs().transpose(0, 1).reshape(3, -1)
+    _, mean, stat, _, threshold, hot = numba_bn.forward(x3, None, None, math.inf, k, 1.0, 1e-5)
+    u = x3.float() - mean.float()[None, :, None]
+    dev = u.abs().transpose(0, 1).reshape(3, -1)
     want = dev.topk(kk, dim=1).values
-    # flat offsets of each channel's values in the same order, and the first kk of a stable sort
-    offsets = torch.arange(x3.numel()).view(x3.shape).transpose(0, 1).reshape(3, -1)
-    first = offsets.gather(1, dev.sort(dim=1, descending=True, stable=True).indices[:, :kk])
-    assert pos.shape == (3, kk)
+    assert threshold.dtype == torch.float32 and torch.equal(threshold, want[:, -1])
+    if k is None:
+        assert threshold is stat, "the maximum's threshold is its statistic: nothing more is kept"
+    torch.testing.assert_close(stat, want.mean(1), rtol=1e-6, atol=0)
+    blocks = _stretch_of_each_value(x3)
+    room = hot.shape[1] - 1
+    assert hot.dtype == torch.int32 and room <= kk + numba_bn._HOT_SPARE
     for c in range(3):
-        at = pos[c]
-        assert len(set(at.tolist())) == kk, "k distinct positions"
-        assert set(at.tolist()) == set(first[c].tolist()), "ties go to the first positions"
-        kept = (x3.reshape(-1)[at].float() - mean[c].float()).abs()
-        torch.testing.assert_close(kept.sort(descending=True).values, want[c], rtol=0, atol=0)
-        torch.testing.assert_close(stat[c].float(), want[c].mean(), rtol=1e-6, atol=0)
+        reach = set(blocks[:, c][u[:, c].abs() >= threshold[c]].tolist())
+        assert int(hot[c, 0]) == len(reach)
+        if len(reach) <= room:
+            assert set(hot[c, 1 : 1 + len(reach)].tolist()) == reach
+    if kk <= 3:
+        assert int(hot[2, 0]) > kk, "ties spread the threshold over more stretches than k"
 
 
 @pytest.mark.parametrize("k", [1, 3, numba_bn._INSERT_K, numba_bn._INSERT_K + 1, 150])
@@ -91,15 +112,35 @@ def test_constant_channel_gives_bias_and_finite_gradients(fmt, p, k):
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("k", [None, 3])
-def test_nan_input_gives_nan_output_and_valid_positions(fmt, k):
+def test_nan_input_gives_nan_output(fmt, k):
+    # nothing compares with NaN: no block reaches the threshold, and the channel's output
+    # and gradient are NaN; the other channel is untouched
     x = torch.randn(4, 2, 6, 6).contiguous(memory_format=fmt)
     x[1, 0, 2, 3] = math.nan
     x3 = fused.canonical(x)
-    y3, mean, stat, scale, pos = numba_bn.forward(x3, None, None, math.inf, k, 1.0, 1e-5)
+    y3, mean, stat, scale, threshold, hot = numba_bn.forward(x3, None, None, math.inf, k, 1.0, 1e-5)
     assert bool(y3[:, 0].isnan().all()) and bool(torch.isfinite(y3[:, 1]).all())
-    assert bool(((pos >= 0) & (pos < x.numel())).all())
-    gx3, *_ = numba_bn.backward(x3, torch.randn_like(x3), None, mean, scale, math.inf, k, 1.0, pos)
-    assert bool(torch.isfinite(gx3[:, 1]).all())
+    assert int(hot[0, 0]) == 0 and int(hot[1, 0]) >= 1
+    gx3, *_ = numba_bn.backward(x3, torch.randn_like(x3), None, mean, scale, math.inf, k, 1.0, threshold, hot)
+    assert bool(gx3[:, 0].isnan().all()) and bool(torch.isfinite(gx3[:, 1]).all())
+
+
+@pytest.mark.parametrize("shape", [(10, 4, 700), (3000, 4, 1)])  # rows (3 blocks a row), columns
+@pytest.mark.parametrize("k", [None, 5])
+def test_backward_without_the_hot_list_takes_every_value(shape, k):
+    # forward's list of where the threshold is reached only spares backward work: without it
+    # (forward on the torch stages), or with a channel of too many to list, backward gives the
+    # same gradient
+    g = torch.Generator().manual_seed(4)
+    x3 = torch.randn(shape, generator=g)
+    x3[:, 1] = torch.randint(-2, 3, x3[:, 1].shape, generator=g).float()  # too many to list
+    gy3 = torch.randn(shape, generator=g)
+    _, mean, _, scale, threshold, hot = numba_bn.forward(x3, None, None, math.inf, k, 1.0, 1e-5)
+    assert int(hot[1, 0]) > hot.shape[1] - 1 and int(hot[0, 0]) <= hot.shape[1] - 1
+    listed = numba_bn.backward(x3, gy3, None, mean, scale, math.inf, k, 1.0, threshold, hot)
+    every = numba_bn.backward(x3, gy3, None, mean, scale, math.inf, k, 1.0, threshold, None)
+    for got, want in zip(every, listed):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -113,9 +154,9 @@ def test_channel_groups_do_not_change_results(monkeypatch, dtype, p, k):
     results = []
     for size in (1, 3, 7):
         monkeypatch.setattr(numba_bn, "_group", lambda x3, size=size: size)
-        y3, mean, stat, scale, pos = numba_bn.forward(x3, w, b, p, k, 1.0, 1e-5)
-        grads = numba_bn.backward(x3, gy3, w, mean, scale, p, k, 1.0, pos)
-        results.append([y3, mean, stat, scale, *([] if pos is None else [pos]), *grads])
+        y3, mean, stat, scale, threshold, hot = numba_bn.forward(x3, w, b, p, k, 1.0, 1e-5)
+        grads = numba_bn.backward(x3, gy3, w, mean, scale, p, k, 1.0, threshold, hot)
+        results.append([y3, mean, stat, scale, *([] if hot is None else [threshold, hot]), *grads])
     for other in results[1:]:
         for got, want in zip(other, results[0]):
             assert torch.equal(got, want)
