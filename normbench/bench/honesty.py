@@ -71,7 +71,7 @@ def compare(cell: Cell, rounds: int = 3, timing: TimingSpec = TimingSpec(), min_
     timer, alternating."""
     from torch.utils.benchmark import Timer
 
-    from normbench.machine import last_level_cache_total
+    from normbench.kernels.machine import last_level_cache_total
 
     timer = default_timer(cell.device, cache)
     ctx = RunContext(cell.device, timing, timer, None, cache, last_level_cache_total())

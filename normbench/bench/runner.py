@@ -385,7 +385,7 @@ def profile_cell(
 
 
 def _llc_bytes() -> int:
-    from normbench.machine import last_level_cache_total
+    from normbench.kernels.machine import last_level_cache_total
 
     return last_level_cache_total()
 

@@ -72,7 +72,7 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
         env["malloc"] = prepare_allocator(spec, dev)
         env["cache"] = spec.cache
         if dev == "cpu":
-            from normbench.machine import last_level_cache_total
+            from normbench.kernels.machine import last_level_cache_total
 
             env["last_level_cache_bytes"] = last_level_cache_total()
         writer = open_results(output, schema_name("profile"), env, KEY_FIELDS, resume=resume, force=force,

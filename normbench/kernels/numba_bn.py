@@ -760,9 +760,9 @@ def _slices(a_len: int, align: int = 1) -> np.ndarray:
 
 
 def _last_level_cache() -> int:
-    """Bytes of the last-level (L3) cache: the package's one reader, :mod:`normbench.machine`
+    """Bytes of the last-level (L3) cache: the package's one reader, :mod:`normbench.kernels.machine`
     (cached there; 32 MiB where the system does not say)."""
-    from normbench.machine import last_level_cache
+    from normbench.kernels.machine import last_level_cache
 
     return last_level_cache()
 

@@ -23,7 +23,7 @@ def test_main_prints_both_timers_and_a_ratio(capsys):
 def test_both_timers_time_the_runners_cold_rotation_or_its_warm_call(capsys):
     from normbench.bench.honesty import compare
 
-    from normbench.machine import last_level_cache_total
+    from normbench.kernels.machine import last_level_cache_total
 
     cell = parse_cell("l2,torch,fp32,64x64x16x16,fwd")  # 4 MiB: 16 copies hold twice a 32 MiB cache
     cold = compare(cell, rounds=1, min_run_time=0.01)

@@ -1,6 +1,7 @@
 """What the code needs to know about the CPU it runs on: the size of its last-level cache.
 
-One reader for the whole package: the fused CPU kernels size their blocks of work from it
+One reader for the whole package, in ``kernels`` because the kernels may import nothing else of
+normbench: the fused CPU kernels size their blocks of work from it
 (:mod:`normbench.kernels.numba_bn`), and the profile keeps its inputs out of it between repeats
 (:mod:`normbench.bench.runner`).
 
