@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
@@ -401,7 +401,6 @@ def run(
     on_record: Callable[[Record], None] | None = None,
     *,
     skip: Callable[[Record], bool] | None = None,
-    previous: Iterable[Record] = (),
     on_progress: Callable[[int, int, str], None] | None = None,
     timer: Timer | None = None,
     peak_gbps: float | None = None,
@@ -410,9 +409,8 @@ def run(
     """Run every cell of ``spec``; returns the records of the cells it ran, in order.
 
     ``on_record`` receives each record as soon as its cell finishes (stream it to a file there).
-    ``skip(axes)`` says which cells are done already (``ResultsWriter.has``). ``previous`` (the
-    records of a resumed file) is accepted for compatibility and no longer used: a speedup comes
-    from torch's layer timed in the same rounds as the cell, never from an earlier run.
+    ``skip(axes)`` says which cells are done already (``ResultsWriter.has``); a resumed cell's
+    speedup comes from torch's layer timed in the same rounds as the cell, never from an earlier run.
     ``on_progress(done, total, label)`` is called before each cell and at the end. ``timer``,
     ``peak_gbps`` and ``llc_bytes`` replace the device's timer, the copy-bandwidth measurement and
     the last-level cache size read from the machine (tests inject a fake clock and cache through

@@ -96,7 +96,7 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
             bar.update(task, completed=done, total=total, description=label)
 
         records = run(spec, on_record=writer.write if writer else None, skip=writer.has if writer else None,
-                      previous=writer.records if writer else (), on_progress=progress)
+                      on_progress=progress)
     shown = writer.records if writer else records
     out = Console()
     if not out.is_terminal:  # a file or a pipe: no terminal width to respect

@@ -2,7 +2,7 @@
 
 :func:`run` takes an :class:`ExperimentConfig` (a grid of regimes x seeds x protocols plus the
 shared settings) and returns one record per run, in the ``normbench.equivalence/1`` layout of
-DESIGN.md. Each run is identified by the hash of everything that changes its numbers (dataset,
+docs/equivalence.md. Each run is identified by the hash of everything that changes its numbers (dataset,
 model, optimizer settings, epochs, seed, protocol, the regime's training spec, device, and
 :data:`CODE_VERSION`); a finished run is stored as ``<cache_dir>/<hash>.json`` and reused, so
 drawing again does not retrain. The corrected and norm-schedule regimes read the per-channel norms

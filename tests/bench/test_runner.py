@@ -319,7 +319,7 @@ def test_streaming_interrupt_and_resume(tmp_path, suffix):
 
     writer = _writer(path, resume=True)
     timer = FakeTimer()
-    new = run(s, on_record=writer.write, skip=writer.has, previous=writer.records, timer=timer, peak_gbps=10.0)
+    new = run(s, on_record=writer.write, skip=writer.has, timer=timer, peak_gbps=10.0)
     assert len(new) == total - 4
     done = read_results(path).records
     assert len(done) == total

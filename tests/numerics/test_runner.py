@@ -1,4 +1,4 @@
-"""The runner: records carry the DESIGN.md fields; a cell that cannot run is skipped and the run
+"""The runner: records carry the documented fields (docs/stability.md); a cell that cannot run is skipped and the run
 goes on; skip() resumes; bad specs are user errors."""
 
 import pytest
