@@ -51,6 +51,7 @@ def main() -> None:
 
 def _register() -> None:
     """One line per command; each command module imports the library lazily, inside the command."""
+    from normbench.cli.compare import compare
     from normbench.cli.info import info
     from normbench.cli.plot import plot, register_subcommands
     from normbench.cli.profile import profile
@@ -59,6 +60,7 @@ def _register() -> None:
     main.add_command(info)
     main.add_command(profile)
     main.add_command(stability)
+    main.add_command(compare)
     register_subcommands()
     main.add_command(plot)
 
