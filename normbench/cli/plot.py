@@ -32,6 +32,12 @@ def register_subcommands() -> None:
     from normbench.cli.plot_equivalence import equivalence
 
     plot.add_command(equivalence)
+    from normbench.cli.plot_halfprec import halfprec
+
+    plot.add_command(halfprec)
     from normbench.cli.stability import plot_stability
 
     plot.add_command(plot_stability)
+    from normbench.cli.compare import plot_compare
+
+    plot.add_command(plot_compare)

@@ -130,6 +130,22 @@ class Progress(Protocol):
     def run_finished(self, cached: bool) -> None: ...
 
 
+class Probe(Protocol):
+    """What another experiment adds to a training run (``plot halfprec`` computes the batch-norms
+    in low precision and watches them): :meth:`attach` changes the freshly built model in place,
+    :meth:`before_step` is told each training step's index (counted over the whole run), and the
+    dicts of :meth:`epoch_fields` and :meth:`record_fields` are merged into each epoch's entry and
+    into the record."""
+
+    def attach(self, model: nn.Module) -> None: ...
+
+    def before_step(self, step: int) -> None: ...
+
+    def epoch_fields(self) -> dict[str, Any]: ...
+
+    def record_fields(self) -> dict[str, Any]: ...
+
+
 class _NoProgress:
     def run_started(self, label: str, epochs: int) -> None:
         pass
@@ -190,9 +206,11 @@ def train_run(
     data: Dataset,
     reference: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    probe: Probe | None = None,
 ) -> dict[str, Any]:
     """Train one run and return its record. ``reference`` is the ``wd_on`` record of the same
-    seed and protocol, needed by the regimes that follow its norms."""
+    seed and protocol, needed by the regimes that follow its norms; ``probe`` changes the model
+    and adds to the record (see :class:`Probe`)."""
     progress = progress or _NoProgress()
     regime: Regime = REGIMES[run_config["regime"]]
     if regime.needs_reference and (reference is None or len(reference["epochs"]) < run_config["epochs"]):
@@ -204,6 +222,8 @@ def train_run(
 
     torch.manual_seed(seed)
     model = build_model(run_config["model"], regime.norm, regime.p, data.input_shape, data.num_classes, run_config["width"])
+    if probe is not None:
+        probe.attach(model)
     model.to(device).train()
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
@@ -228,6 +248,7 @@ def train_run(
     }
     progress.run_started(f"{regime.name} seed {seed} ({protocol})", epochs)
     start = time.perf_counter()
+    step = 0
     for epoch in range(epochs):
         lr_e = lr_at(epoch, epochs, lr, gamma)
         conv_lr = lr if regime.norm_schedule else lr_e
@@ -241,6 +262,9 @@ def train_run(
         loss_sum, correct, seen = 0.0, 0, 0
         for i in range(0, n - batch + 1, batch):  # drop the last incomplete batch
             idx = order[i : i + batch]
+            if probe is not None:
+                probe.before_step(step)
+            step += 1
             out = model(x_train[idx])
             loss = F.cross_entropy(out, y_train[idx])
             if not torch.isfinite(loss):
@@ -295,16 +319,21 @@ def train_run(
                 "test_loss": test_loss,
                 "test_acc": test_acc,
                 "layers": recorder.epoch_layers(conv_lr, multipliers),
+                **(probe.epoch_fields() if probe is not None else {}),
             }
         )
         progress.epoch_done()
     record["train_seconds"] = time.perf_counter() - start
     last = record["epochs"][-1] if record["epochs"] else {}
     record["final"] = {k: last.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
+    if probe is not None:
+        record.update(probe.record_fields())
     return record
 
 
-def _cache_read(cache_dir: Path | None, key: str) -> dict[str, Any] | None:
+def cache_read(cache_dir: Path | None, key: str) -> dict[str, Any] | None:
+    """The cached record of run ``key`` (a :func:`config_hash`), or None (no cache, no entry, or
+    a damaged one)."""
     if cache_dir is None:
         return None
     path = cache_dir / f"{key}.json"
@@ -316,7 +345,8 @@ def _cache_read(cache_dir: Path | None, key: str) -> dict[str, Any] | None:
         return None  # a damaged entry is trained again
 
 
-def _cache_write(cache_dir: Path | None, key: str, record: dict[str, Any]) -> None:
+def cache_write(cache_dir: Path | None, key: str, record: dict[str, Any]) -> None:
+    """Store ``record`` as run ``key`` (atomically: a crash leaves the old entry or none)."""
     if cache_dir is None:
         return
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -367,11 +397,11 @@ def run(
             record = trained[key]
             cached = key not in fresh
         else:
-            record = None if retrain else _cache_read(cache, key)
+            record = None if retrain else cache_read(cache, key)
             cached = record is not None
             if record is None:
                 record = train_run(rc, data, reference, progress)
-                _cache_write(cache, key, record)
+                cache_write(cache, key, record)
                 fresh.add(key)
             else:
                 progress.run_started(f"{regime} seed {seed} ({protocol})", config.epochs)

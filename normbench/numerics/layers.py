@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -121,15 +122,26 @@ def framework(
     )
 
 
+class NativeForward(NamedTuple):
+    """What :func:`native_forward` computed, per row: the normalized rows ``y``, the ``mean``
+    (None without centering), the dispersion statistic ``stat`` and the divisor ``scale`` (D)."""
+
+    y: torch.Tensor
+    mean: torch.Tensor | None
+    stat: torch.Tensor
+    scale: torch.Tensor
+
+
 def native_forward(
     x: torch.Tensor, emu: Emulator, p: float, k: int | None, eps: float, center: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> NativeForward:
     """The Lp normalization of rows ``x`` (float64 values of the emulator's format, shape
     ``(rows, n)``) in emulated arithmetic: every operation rounded, means in the emulator's
     reduction order, eps and the dispersion constant rounded to the format.
-    Returns ``(y, stat, D)``; differentiable through the emulator."""
+    Differentiable through the emulator."""
     n = x.shape[-1]
-    u = emu.sub(x, emu.mean(x, (-1,), keepdim=True)) if center else x
+    mean = emu.mean(x, (-1,), keepdim=True) if center else None
+    u = emu.sub(x, mean) if center else x
     if p == 2:
         stat = emu.mean(emu.mul(u, u), (-1,), keepdim=True)
         scale = emu.sqrt(emu.add_scalar(stat, eps))
@@ -142,7 +154,7 @@ def native_forward(
         else:
             stat = emu.topk_mean_last(a, k)
         scale = emu.add_scalar(emu.scale(stat, dispersion_constant(p, n, k, center)), eps)
-    return emu.div(u, scale), stat, scale
+    return NativeForward(emu.div(u, scale), mean, stat, scale)
 
 
 def native(x: torch.Tensor, dy: torch.Tensor, norm: NormSpec, eps: float, emu: Emulator, storage: Format) -> Outcome:
@@ -152,7 +164,7 @@ def native(x: torch.Tensor, dy: torch.Tensor, norm: NormSpec, eps: float, emu: E
     if norm.k is not None and norm.k > rows.shape[-1]:
         raise ValueError(f"top-k needs k <= the {rows.shape[-1]} values per statistic, got k={norm.k}")
     xr = rows.clone().requires_grad_(True)
-    y, stat, scale = native_forward(emu.input(xr), emu, norm.p, norm.k, eps, center=norm.family != "rmsnorm")
+    y, _, stat, scale = native_forward(emu.input(xr), emu, norm.p, norm.k, eps, center=norm.family != "rmsnorm")
     y.backward(to_rows(dy.to(torch.float64), norm))
     stage = None
     if _overflowed(stat, emu.format) or _overflowed(scale, emu.format):
