@@ -14,26 +14,24 @@ TRAINING_FIELDS = ("epochs", "dataset", "data_dir", "model", "width", "train_siz
                    "momentum", "batch_size")
 
 
-def ints(text: str, name: str) -> list[int]:
-    """A comma list of integers (``--seeds 0,1,2``), or a click error naming the option."""
+def _numbers(text: str, name: str, convert: Callable[[str], Any], kind: str) -> list[Any]:
     try:
-        values = [int(s) for s in text.split(",") if s.strip()]
+        values = [convert(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=name) from None
+        raise click.BadParameter(f"expected comma-separated {kind}, got {text!r}", param_hint=name) from None
     if not values:
         raise click.BadParameter("no value given", param_hint=name)
     return values
+
+
+def ints(text: str, name: str) -> list[int]:
+    """A comma list of integers (``--seeds 0,1,2``), or a click error naming the option."""
+    return _numbers(text, name, int, "integers")
 
 
 def floats(text: str, name: str) -> list[float]:
     """A comma list of numbers (``--scales 1,1e2,1e4``), or a click error naming the option."""
-    try:
-        values = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None
-    if not values:
-        raise click.BadParameter("no value given", param_hint=name)
-    return values
+    return _numbers(text, name, float, "numbers")
 
 
 def figure_formats(text: str) -> list[str]:
