@@ -95,16 +95,10 @@ register(Impl(
 ))
 
 
-def _fused_unsupported(norm: NormSpec) -> str | None:
-    if norm.family != "batchnorm":
-        return "fused is implemented for batch-norm only"
-    return None
-
-
 register(Impl(
     "fused",
-    "normbench's fast path: pass-minimal batch-norm (Triton kernels on CUDA, torch.compile on the CPU)",
+    "normbench's fast path: pass-minimal kernels for every family (Triton on CUDA, numba on the CPU; "
+    "torch.compile'd stages or analytic where neither takes the input)",
     build=lambda norm, shape: norm.module(shape, impl="fused"),
-    unsupported=_fused_unsupported,
     compiles=True,
 ))

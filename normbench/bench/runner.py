@@ -486,9 +486,33 @@ def _run_cells(
                      spec.measure_memory)
     refs: dict[tuple[str, ...], _Reference] = {}
     ready: dict[Cell, Record] = {}  # candidates already timed beside their torch cell
-    block = None
     records: list[Record] = []
+    now: list = [0, ""]  # the cell in progress, for the compile notice
+
+    def compiling(event: str, key, seconds: float | None) -> None:
+        """Say in the progress line that kernels compile (the first call of a cell, which the
+        timing engine keeps out of the samples and records as ``compile_time_s``)."""
+        if on_progress and event == "start":
+            what = " ".join(str(part).replace("torch.", "") for part in key) if isinstance(key, tuple) else str(key)
+            on_progress(now[0], len(cells), f"{now[1]}: compiling {what} kernels (first use; cached on disk after)")
+
+    from normbench.kernels import background
+
+    background.add_listener(compiling)
+    try:
+        _cells_loop(cells, ctx, refs, ready, skip, on_record, on_progress, records, now)
+    finally:
+        background.remove_listener(compiling)
+    if on_progress:
+        on_progress(len(cells), len(cells), "done")
+    return records
+
+
+def _cells_loop(cells, ctx, refs, ready, skip, on_record, on_progress, records, now) -> None:
+    """Measure every cell in order (torch's cell of a block once, beside its candidates)."""
+    block = None
     for i, cell in enumerate(cells):
+        now[0], now[1] = i, _label(cell, full=True)
         if on_progress:
             on_progress(i, len(cells), _label(cell, full=True))
         if _block(cell) != block:  # torch's layers of the previous block are no longer needed
@@ -502,9 +526,6 @@ def _run_cells(
         records.append(record)
         if on_record:
             on_record(record)
-    if on_progress:
-        on_progress(len(cells), len(cells), "done")
-    return records
 
 
 def _block(cell: Cell) -> tuple:

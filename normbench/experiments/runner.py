@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normbench.errors import UserError
+from normbench.kernels.background import compile_mode
 from normbench.experiments.data import DATASETS, Dataset, load_dataset
 from normbench.experiments.models import ARCHS, build_model, conv_layers, is_last_layer_param
 from normbench.experiments.recorder import Recorder, channel_norms, direction_param
@@ -210,7 +211,20 @@ def train_run(
 ) -> dict[str, Any]:
     """Train one run and return its record. ``reference`` is the ``wd_on`` record of the same
     seed and protocol, needed by the regimes that follow its norms; ``probe`` changes the model
-    and adds to the record (see :class:`Probe`)."""
+    and adds to the record (see :class:`Probe`). The layers' compiled kernels are waited for
+    (never replaced by ``analytic`` while they compile), so a run gives the same numbers in a
+    fresh process as in a warm one."""
+    with compile_mode("wait"):
+        return _train_run(run_config, data, reference, progress, probe)
+
+
+def _train_run(
+    run_config: dict[str, Any],
+    data: Dataset,
+    reference: dict[str, Any] | None,
+    progress: Progress | None,
+    probe: Probe | None,
+) -> dict[str, Any]:
     progress = progress or _NoProgress()
     regime: Regime = REGIMES[run_config["regime"]]
     if regime.needs_reference and (reference is None or len(reference["epochs"]) < run_config["epochs"]):

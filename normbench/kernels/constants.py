@@ -127,7 +127,6 @@ def topk_constant(n: int, k: int = 1, center: bool = True) -> float:
     return _constant(math.inf, int(n), None if k == 1 else int(k), bool(center))
 
 
-@torch.compiler.assume_constant_result
 def dispersion_constant(p: float, n: int, k: int | None = None, center: bool = True) -> float:
     """The factor in front of each dispersion statistic: 1 for p=2, ``C1(n)`` for p=1, ``Ck(n)``
     for p=inf (k=None is the maximum), for a statistic centered at the mean of its n values (batch,
@@ -136,6 +135,12 @@ def dispersion_constant(p: float, n: int, k: int | None = None, center: bool = T
     if p == 2:
         return 1.0
     return _constant(float(p), int(n), None if k in (None, 1) else int(k), bool(center))
+
+
+# A constant for torch.compile: what ``torch.compiler.assume_constant_result`` does (it sets this
+# marker), without its import of torch._dynamo, which costs seconds at ``import normbench.nn``
+# (tests/kernels/test_constants.py checks that the decorator still sets this very marker).
+dispersion_constant._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def paper_linf_constant(n: int) -> float:

@@ -41,6 +41,7 @@ from normbench.kernels.reference import compute_dtype
 _COMPILE = True
 _BACKEND = "auto"
 BACKENDS = ("auto", "torch", "triton", "numba")
+NUMBA_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # what the numba kernels store
 
 
 def set_compile(enabled: bool) -> None:
@@ -57,6 +58,11 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     _BACKEND = name
+
+
+def backend() -> str:
+    """The kernels :func:`set_backend` picked (batch-norm and the row norms alike)."""
+    return _BACKEND
 
 
 @functools.cache
@@ -81,17 +87,45 @@ def preferred(x: torch.Tensor) -> bool:
     input runs the columns kernels, which measured slower than ``analytic`` on small batches)."""
     if x.is_cuda:
         return triton_available()
-    return x.dim() > 2 and _numba_kernels(x) is not None
+    return x.dim() > 2 and _numba_takes(x)
+
+
+def _numba_takes(x: torch.Tensor) -> bool:
+    """Whether this tensor should run on the numba kernels (not inside torch.compile, which cannot
+    trace numba: the compiled graph takes the torch stages). Imports no numba."""
+    if _BACKEND not in ("auto", "numba") or x.is_cuda or torch.compiler.is_compiling() or not numba_available():
+        return False
+    return x.device.type == "cpu" and x.dtype in NUMBA_DTYPES
 
 
 def _numba_kernels(x: torch.Tensor):
-    """The numba kernel module when this tensor should run on it, else None (also inside
-    torch.compile, which cannot trace numba: the compiled graph takes the torch stages)."""
-    if _BACKEND not in ("auto", "numba") or x.is_cuda or torch.compiler.is_compiling() or not numba_available():
+    """The numba kernel module when this tensor should run on it (:func:`_numba_takes`), else
+    None; waits for the kernels of x's dtype to be compiled (:func:`kernels_ready`)."""
+    if not _numba_takes(x):
         return None
+    kernels_ready(x, wait=True)
     from normbench.kernels import numba_bn
 
-    return numba_bn if numba_bn.supports(x) else None
+    return numba_bn
+
+
+def kernels_ready(x: torch.Tensor, wait: bool = False) -> bool:
+    """Whether the CPU kernels for x's dtype are compiled; the first call starts their compilation
+    (:mod:`normbench.kernels.background`: in a background thread unless its mode is ``wait``).
+    ``impl="auto"`` runs ``analytic`` until this says True; ``wait=True`` blocks until it does.
+    True for CUDA tensors (Triton compiles on the call, as torch's own kernels load)."""
+    if x.is_cuda:
+        return True
+    from normbench.kernels import background
+
+    dtype = x.dtype
+
+    def compile_kernels() -> None:
+        from normbench.kernels import numba_bn
+
+        numba_bn.warm(dtype)
+
+    return background.ready(("numba_bn", dtype), compile_kernels, wait=wait)
 
 
 def _triton_kernels(x: torch.Tensor):

@@ -39,123 +39,31 @@ from __future__ import annotations
 
 import math
 
-import numba
+import numba  # noqa: F401 - the tests reach numba.get_num_threads through it
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba import njit, prange
 
-# reassociation lets LLVM vectorize the sums; no nnan/ninf: NaN and inf input stay visible
-_FASTMATH = {"reassoc", "contract", "nsz"}
+from normbench.kernels.numba_common import (  # noqa: F401 - _f32_to_bf16: the tests reach it here
+    _FASTMATH,
+    SUPPORTED,
+    _bf16_to_f32,
+    _cast,
+    _f32_to_bf16,
+    _insert,
+    _load,
+    _load1,
+    _maxnum,
+    _minnum,
+    _store,
+    as_numpy as _np,
+    compile_only,
+    launch,
+    sync_threads as _sync_threads,
+    threads as _threads,
+)
+
 P_L2, P_L1, P_TOPK = 0, 1, 2
-SUPPORTED = (torch.float32, torch.float64, torch.bfloat16)
-
-
-# ----------------------------------------------------------------------------- scalar helpers
-@intrinsic
-def _bf16_to_f32(typingctx, bits):
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
-        return builder.bitcast(wide, ir.FloatType())
-
-    return types.float32(types.int16), codegen
-
-
-@intrinsic
-def _f32_to_bf16(typingctx, value):
-    """Round to nearest even; NaN stays NaN (quiet)."""
-
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        u = builder.bitcast(args[0], i32)
-        lsb = builder.and_(builder.lshr(u, ir.Constant(i32, 16)), ir.Constant(i32, 1))
-        rounded = builder.lshr(builder.add(builder.add(u, ir.Constant(i32, 0x7FFF)), lsb), ir.Constant(i32, 16))
-        quiet_nan = builder.or_(builder.lshr(u, ir.Constant(i32, 16)), ir.Constant(i32, 0x40))
-        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
-        return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
-
-    return types.int16(types.float32), codegen
-
-
-def _llvm_binary(name: str):
-    @intrinsic
-    def call(typingctx, a, b):
-        def codegen(context, builder, signature, args):
-            ty = args[0].type
-            suffix = ".f32" if ty == ir.FloatType() else ".f64"
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty, ty]), name + suffix)
-            # nnan lets the reduction vectorize; a NaN input already makes the channel's sum NaN
-            return builder.call(fn, args, fastmath=("nnan", "nsz", "reassoc"))
-
-        return a(a, a), codegen
-
-    return call
-
-
-_maxnum = _llvm_binary("llvm.maxnum")
-_minnum = _llvm_binary("llvm.minnum")
-
-
-def _load(arr, i, j, m):  # pragma: no cover - replaced by the overload inside numba
-    raise NotImplementedError
-
-
-def _load1(arr, i):  # pragma: no cover
-    raise NotImplementedError
-
-
-def _store(arr, i, j, m, v):  # pragma: no cover
-    raise NotImplementedError
-
-
-def _cast(arr, v):  # pragma: no cover
-    raise NotImplementedError
-
-
-@overload(_load, inline="always")
-def _load_impl(arr, i, j, m):
-    if arr.dtype == types.int16:
-        return lambda arr, i, j, m: _bf16_to_f32(arr[i, j, m])
-    return lambda arr, i, j, m: arr[i, j, m]
-
-
-@overload(_load1, inline="always")
-def _load1_impl(arr, i):
-    if arr.dtype == types.int16:
-        return lambda arr, i: _bf16_to_f32(arr[i])
-    return lambda arr, i: arr[i]
-
-
-@overload(_store, inline="always")
-def _store_impl(arr, i, j, m, v):
-    if arr.dtype == types.int16:
-
-        def store_bf16(arr, i, j, m, v):
-            arr[i, j, m] = _f32_to_bf16(np.float32(v))
-
-        return store_bf16
-    if arr.dtype == types.float64:
-
-        def store_f64(arr, i, j, m, v):
-            arr[i, j, m] = np.float64(v)
-
-        return store_f64
-
-    def store_f32(arr, i, j, m, v):
-        arr[i, j, m] = np.float32(v)
-
-    return store_f32
-
-
-@overload(_cast, inline="always")
-def _cast_impl(arr, v):
-    """``v`` in the arithmetic type of ``arr``'s values: float64 for float64, float32 otherwise."""
-    if arr.dtype == types.float64:
-        return lambda arr, v: np.float64(v)
-    return lambda arr, v: np.float32(v)
 
 
 _CHUNK = 16  # top-k search: values whose maximum is taken before a value-by-value look
@@ -192,19 +100,6 @@ def _block_bounds(x, mu_c, hi, lo):
     for j in range(hi.shape[0]):
         bound[j] = max(_cast(x, hi[j]) - mu_c, mu_c - _cast(x, lo[j]))
     return bound
-
-
-@njit(inline="always")
-def _insert(top, v):
-    """Put ``v`` into ``top``, the k largest so far in descending order, when it beats the last."""
-    k = top.shape[0]
-    if not v > top[k - 1]:
-        return
-    i = k - 1
-    while i > 0 and top[i - 1] < v:
-        top[i] = top[i - 1]
-        i -= 1
-    top[i] = v
 
 
 @njit(inline="always")
@@ -720,12 +615,6 @@ def supports(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in SUPPORTED
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of a CPU tensor sharing its memory (bfloat16 as its int16 bits)."""
-    t = t.detach()
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
-
-
 def _acc(x3: torch.Tensor) -> torch.dtype:
     return torch.float64 if x3.dtype == torch.float64 else torch.float32
 
@@ -755,7 +644,7 @@ def _slices(a_len: int, align: int = 1) -> np.ndarray:
     """Row bounds of the slices the columns kernels share among threads (a few per thread), at
     multiples of ``align`` (but the last)."""
     units = -(-a_len // align)
-    count = max(1, min(units, 4 * numba.get_num_threads()))
+    count = max(1, min(units, 4 * _threads()))
     return np.minimum(np.linspace(0, units, count + 1).astype(np.int64) * align, a_len)
 
 
@@ -774,24 +663,11 @@ def _group(x3: torch.Tensor) -> int:
     later passes over them read cache. The size is rounded so that the threads get the same number
     of groups where the channel count allows."""
     a_len, c, b_len = x3.shape
-    threads = numba.get_num_threads()
+    threads = _threads()
     budget = _last_level_cache() // (4 * threads)
     size = max(1, min(budget // (a_len * b_len * x3.element_size()), -(-c // threads)))
     per_thread = -(-c // (threads * size))
     return -(-c // (threads * per_thread))
-
-
-def _sync_threads() -> None:
-    """Use as many threads as torch does (``normbench profile --threads`` sets torch's), and keep
-    torch's count as it was: numba's OpenMP layer shares libgomp with torch, and launching its
-    thread pool (on the first call) resets the count torch reads to numba's default."""
-    torch_threads = torch.get_num_threads()
-    current = numba.get_num_threads()  # launches numba's pool the first time
-    if torch.get_num_threads() != torch_threads:
-        torch.set_num_threads(torch_threads)
-    want = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
-    if current != want:
-        numba.set_num_threads(want)
 
 
 def _tie_outputs(x3, p_code, k, stat_t, thr, hot):
@@ -825,7 +701,7 @@ def forward(x3: torch.Tensor, weight, bias, p: float, k: int | None, const: floa
     hot = np.zeros((c, kk + _HOT_SPARE + 1 if p_code == P_TOPK else 1), np.int64)
     if b_len > 1:
         mean, stat, scale = np.empty(c), np.empty(c), np.empty(c)
-        _forward_rows(_np(x3), _np(y3), w, b, p_code, kk, const, eps, _group(x3), mean, stat, scale, thr, hot)
+        launch(_forward_rows, _np(x3), _np(y3), w, b, p_code, kk, const, eps, _group(x3), mean, stat, scale, thr, hot)
         mean_t, stat_t = _per_channel(x3, mean, stat)
         return y3, mean_t, stat_t, torch.from_numpy(scale), *_tie_outputs(x3, p_code, kk, stat_t, thr, hot)
     xn = _np(x3)
@@ -835,19 +711,19 @@ def forward(x3: torch.Tensor, weight, bias, p: float, k: int | None, const: floa
     blocks = -(-a_len // _COL_BLOCK) if topk else 0
     hi, lo = np.empty((blocks, c), acc), np.empty((blocks, c), acc)
     sums = np.empty((len(bounds) - 1, c), acc)
-    _col_sums(xn, bounds, sums, hi, lo)
+    launch(_col_sums, xn, bounds, sums, hi, lo)
     mean = sums.astype(np.float64).sum(0) / a_len
     if topk:
         vals = np.full((c, kk), -1.0)
-        _col_topk(xn, mean.astype(acc), hi, lo, vals, thr, hot)
+        launch(_col_topk, xn, mean.astype(acc), hi, lo, vals, thr, hot)
         stat = vals.mean(1)
     else:
         dev = np.empty_like(sums)
-        _col_deviation(xn, bounds, mean.astype(acc), p_code, dev)
+        launch(_col_deviation, xn, bounds, mean.astype(acc), p_code, dev)
         stat = dev.astype(np.float64).sum(0) / a_len
     scale = np.sqrt(stat + eps) if p_code == P_L2 else stat * const + eps
     mul = w / scale
-    _col_apply(xn, _np(y3), bounds, mean.astype(acc), mul.astype(acc), b.astype(acc))
+    launch(_col_apply, xn, _np(y3), bounds, mean.astype(acc), mul.astype(acc), b.astype(acc))
     mean_t, stat_t = _per_channel(x3, mean, stat)
     return y3, mean_t, stat_t, torch.from_numpy(scale), *_tie_outputs(x3, p_code, kk, stat_t, thr, hot)
 
@@ -872,13 +748,13 @@ def backward(x3, gy3, weight, mean, scale, p: float, k: int | None, const: float
         hot_n = hot.numpy()
     if b_len > 1:
         sum_g, sum_gx = np.empty(c), np.empty(c)
-        _backward_rows(_np(x3), _np(gy3), _np(dx3), w, mean_n, scale_n, p_code, kk, const, _group(x3), thr, hot_n,
+        launch(_backward_rows, _np(x3), _np(gy3), _np(dx3), w, mean_n, scale_n, p_code, kk, const, _group(x3), thr, hot_n,
                        sum_g, sum_gx)
         return dx3, torch.from_numpy(sum_g), torch.from_numpy(sum_gx)
     xn, gn, bounds = _np(x3), _np(gy3), _slices(a_len)
     acc = np.float64 if x3.dtype == torch.float64 else np.float32
     sums = np.empty((len(bounds) - 1, 3, c), acc)
-    _col_backward_sums(xn, gn, bounds, mean_n.astype(acc), p_code, sums)
+    launch(_col_backward_sums, xn, gn, bounds, mean_n.astype(acc), p_code, sums)
     sum_g, sum_gu, sum_sign = sums.astype(np.float64).sum(0)
     sum_gx = sum_gu / scale_n
     mul = w / scale_n
@@ -886,10 +762,23 @@ def backward(x3, gy3, weight, mean, scale, p: float, k: int | None, const: float
     coef_s = np.zeros(c) if p_code == P_L2 else const * sum_gx / (n if p_code == P_L1 else kk)
     weq = np.zeros(c)
     if p_code == P_TOPK:
-        _col_ties(xn, mean_n.astype(acc), thr, hot_n, kk, weq, sum_sign)
+        launch(_col_ties, xn, mean_n.astype(acc), thr, hot_n, kk, weq, sum_sign)
     k_0 = mul * (coef_s * sum_sign / n - sum_g / n)
     k_s = -mul * coef_s
     k_at = np.where(thr == 0, 0.0, k_s * weq)  # ties at t = 0 have sign 0 (as _tie_term needs)
-    _col_backward_apply(xn, gn, _np(dx3), bounds, mean_n.astype(acc), mul.astype(acc), k_0.astype(acc),
+    launch(_col_backward_apply, xn, gn, _np(dx3), bounds, mean_n.astype(acc), mul.astype(acc), k_0.astype(acc),
                         (-mul * coef_u).astype(acc), k_s.astype(acc), thr.astype(acc), k_at.astype(acc), p_code)
     return dx3, torch.from_numpy(sum_g), torch.from_numpy(sum_gx)
+
+
+def warm(dtype: torch.dtype) -> None:
+    """Compile (or load from numba's disk cache) every kernel the entry points launch for
+    ``dtype``, both layouts, without running them: the job of
+    :func:`normbench.kernels.fused.kernels_ready`, run in a background thread."""
+    with compile_only():
+        for shape in ((2, 2, 3), (4, 2, 1)):  # rows layout (B > 1), columns layout (B = 1)
+            x3 = torch.zeros(shape, dtype=dtype)
+            for p, k in ((1.0, None), (math.inf, 2)):  # p is a runtime code: these two cover every kernel
+                _, mean, _, scale, threshold, hot = forward(x3, None, None, p, k, 1.0, 1e-5)
+                backward(x3, x3, None, mean, scale, p, k, 1.0, threshold, hot)
+                backward(x3, x3, None, mean, scale, p, k, 1.0, threshold, None)

@@ -3,11 +3,13 @@ L-inf or top-k dispersion. The formulas are in docs/norms.md and :mod:`normbench
 
 Every function takes ``impl``: ``"eager"`` runs the plain formula under autograd (the reference),
 ``"analytic"`` the custom autograd Function with an analytic backward that keeps only the input and
-per-row statistics, ``"fused"`` (batch-norm) the pass-minimal formulation of
-:mod:`normbench.kernels.fused` (Triton on CUDA, numba kernels on the CPU); ``"auto"`` (default) is
-``fused`` for batch-norm where those kernels take the input (:func:`~normbench.kernels.fused.preferred`:
-CUDA with triton; on the CPU, numba installed, float32/float64/bfloat16, with spatial dimensions)
-and ``analytic`` otherwise.
+per-row statistics, ``"fused"`` the pass-minimal kernels (Triton on CUDA, numba on the CPU):
+:mod:`normbench.kernels.fused` for batch-norm, :mod:`normbench.kernels.fused_rows` for layer-,
+RMS- and group-norm (``analytic`` where no kernel takes the input). ``"auto"`` (default) is
+``fused`` where those kernels take the input and measured faster
+(:func:`~normbench.kernels.fused.preferred`, :func:`~normbench.kernels.fused_rows.preferred`) and
+``analytic`` otherwise, and also while the CPU kernels of a dtype compile in the background on
+their first use (:mod:`normbench.kernels.background`): the first call never waits for numba.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from normbench.kernels.analytic import LpNormFunction
-from normbench.kernels.fused import FusedLpBatchNorm, preferred
+from normbench.kernels.fused import FusedLpBatchNorm, kernels_ready, preferred
+from normbench.kernels.fused_rows import preferred as rows_preferred
+from normbench.kernels.fused_rows import row_norm
 from normbench.kernels.constants import C1, dispersion_constant, paper_linf_constant, topk_constant
 from normbench.kernels.reference import (
     affine,
@@ -66,8 +70,33 @@ def _normalize(
         y, mean, stat = lp_normalize(x, dims, p, k, eps, center)
         return affine(y, weight, bias).to(x.dtype), mean, stat
     if impl == "fused":
-        raise ValueError("impl='fused' is implemented for batch-norm only; use 'analytic' or 'auto'")
+        raise ValueError("impl='fused' over these dimensions is not implemented: the row norms take it")
     return LpNormFunction.apply(x, weight, bias, tuple(dims), p, k, eps, center)
+
+
+def _rows(
+    x2: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    p: float,
+    k: int | None,
+    eps: float,
+    center: bool,
+    impl: str,
+) -> torch.Tensor | None:
+    """The row norms' fused path: rows ``x2`` (R, n), parameters (W, n) or None (row r takes row
+    ``r % W``). None where ``impl`` asks for another path (``auto`` takes this one where
+    :func:`~normbench.kernels.fused_rows.preferred`, and runs ``analytic`` while the CPU kernels
+    compile in the background)."""
+    if impl not in ("auto", "fused"):
+        return None
+    p, k = check_pk(p, k)
+    n = x2.shape[1]
+    if k is not None and k > n:
+        raise ValueError(f"top-k needs k <= the {n} values per statistic, got k={k}")
+    if impl == "auto" and not rows_preferred(x2, n, p, k):
+        return None
+    return row_norm(x2, weight, bias, p, k, eps, center, wait=impl == "fused")
 
 
 def _channel_view(t: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
@@ -122,8 +151,8 @@ def lp_batch_norm(
         raise ValueError(
             f"batch-norm in training needs more than 1 value per channel, got input shape {tuple(input.shape)}"
         )
-    if impl == "auto":
-        impl = "fused" if preferred(input) else "analytic"
+    if impl == "auto":  # analytic while the kernels compile in the background (no first-call stall)
+        impl = "fused" if preferred(input) and kernels_ready(input) else "analytic"
     if impl == "fused":
         p, k = check_pk(p, k)
         if k is not None and k > n:
@@ -177,6 +206,11 @@ def lp_layer_norm(
 ) -> torch.Tensor:
     """Lp layer-norm over the last ``len(normalized_shape)`` dimensions (p=2: torch's LayerNorm)."""
     dims = _check_normalized_shape(input, normalized_shape)
+    if impl in IMPLS:
+        n = reduced_numel(input.shape, dims)
+        rows = _rows(input.reshape(-1, n), _param_row(weight, n), _param_row(bias, n), p, k, eps, True, impl)
+        if rows is not None:
+            return rows.reshape(input.shape)
     y, _, _ = _normalize(
         input, _elementwise_view(weight, input.dim()), _elementwise_view(bias, input.dim()), dims, p, k, eps, True, impl
     )
@@ -197,6 +231,11 @@ def lp_rms_norm(
     dims = _check_normalized_shape(input, normalized_shape)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
+    if impl in IMPLS:
+        n = reduced_numel(input.shape, dims)
+        rows = _rows(input.reshape(-1, n), _param_row(weight, n), None, p, k, eps, False, impl)
+        if rows is not None:
+            return rows.reshape(input.shape)
     y, _, _ = _normalize(input, _elementwise_view(weight, input.dim()), None, dims, p, k, eps, False, impl)
     return y
 
@@ -219,15 +258,37 @@ def lp_group_norm(
     n_batch, c = input.shape[:2]
     if num_groups < 1 or c % num_groups:
         raise ValueError(f"{c} channels cannot be split into {num_groups} groups")
+    fmt = None
+    if input.dim() in (4, 5) and not input.is_contiguous():
+        fmt = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+        fmt = fmt if input.is_contiguous(memory_format=fmt) else None
+    per_group = input.numel() // (n_batch * num_groups) if input.numel() else 0
+    if impl in IMPLS and per_group:  # rows: one per sample and group, contiguous (a copy for channels_last)
+        spatial = per_group // (c // num_groups)
+        rows = _rows(input.reshape(n_batch * num_groups, per_group), _group_rows(weight, num_groups, spatial),
+                     _group_rows(bias, num_groups, spatial), p, k, eps, True, impl)
+        if rows is not None:
+            y = rows.reshape(input.shape)
+            return y.contiguous(memory_format=fmt) if fmt is not None else y
     grouped = input.reshape(n_batch, num_groups, c // num_groups, *input.shape[2:])
     view = (1, num_groups, c // num_groups, *([1] * (input.dim() - 2)))
     w = None if weight is None else weight.view(view)
     b = None if bias is None else bias.view(view)
     y, _, _ = _normalize(grouped, w, b, tuple(range(2, grouped.dim())), p, k, eps, True, impl)
     y = y.reshape(input.shape)
-    if input.dim() in (4, 5) and not input.is_contiguous():
-        fmt = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
-        if input.is_contiguous(memory_format=fmt):
-            y = y.contiguous(memory_format=fmt)
-    return y
+    return y.contiguous(memory_format=fmt) if fmt is not None else y
+
+
+def _param_row(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """An elementwise parameter as one row of n values (a view)."""
+    return None if t is None else t.reshape(1, n)
+
+
+def _group_rows(t: torch.Tensor | None, groups: int, spatial: int) -> torch.Tensor | None:
+    """A per-channel parameter as one row per group: each channel's value repeated over the
+    positions of its channel (G, C / G * spatial), differentiable back to the channels."""
+    if t is None:
+        return None
+    per = t.numel() // groups
+    return t.reshape(groups, per, 1).expand(groups, per, spatial).reshape(groups, per * spatial)
 

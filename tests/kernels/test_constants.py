@@ -1,4 +1,6 @@
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -104,3 +106,23 @@ def test_paper_constant_under_scales_as_documented():
 def test_bad_k():
     with pytest.raises(ValueError, match="k <= n"):
         expected_topk_mean(5, 6)
+
+
+def test_dispersion_constant_is_marked_constant_as_the_decorator_marks():
+    # constants.py sets the marker of torch.compiler.assume_constant_result by hand (the decorator
+    # imports torch._dynamo: seconds at import time); the decorator must still set that very marker
+    def probe(n):
+        return n
+
+    torch.compiler.assume_constant_result(probe)
+    marked = [name for name, value in vars(probe).items() if value is True]
+    assert marked == ["_dynamo_marked_constant"]
+    assert getattr(dispersion_constant, "_dynamo_marked_constant", False) is True
+
+
+def test_import_nn_pulls_in_no_compiler_and_no_kernel_compiler():
+    # what made `import normbench.nn` cost seconds beyond torch: dynamo, numba, triton
+    code = ("import sys, normbench.nn; "
+            "print(sorted(m for m in ('torch._dynamo', 'numba', 'triton', 'llvmlite') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -205,11 +205,12 @@ def test_compiled_matches_eager(p, k, dtype, fmt):
     torch.testing.assert_close(outs[0][1], outs[1][1], **tol)
 
 
-def test_fused_is_batch_norm_only():
+def test_fused_takes_the_row_norms_too():
+    # it was batch-norm only; the row norms' fused path is tested in test_fused_rows.py
     from normbench.nn import LpLayerNorm
 
-    with pytest.raises(ValueError, match="batch-norm only"):
-        LpLayerNorm(4, impl="fused")(torch.randn(2, 4))
+    y = LpLayerNorm(4, p=1, impl="fused")(torch.randn(2, 4))
+    assert y.shape == (2, 4) and torch.isfinite(y).all()
 
 
 def test_set_backend_rejects_unknown():
