@@ -177,6 +177,20 @@ def uncanonical(t3: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t3.reshape(like.shape)
 
 
+def unviewed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor of its own (no view of another), sharing its memory. What an autograd
+    Function returns must not be a view made inside it: autograd forbids modifying such a view in
+    place (``ReLU(inplace=True)`` after a batch-norm, as torchvision's ResNets do), since that
+    would bypass the Function's backward. A copy would cost a pass over memory; this costs none."""
+    if t._base is None:
+        return t
+    if torch.compiler.is_compiling():  # traced: the compiled graph owns its outputs' memory
+        return t.clone()
+    out = t.new_empty(0)
+    out.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+    return out
+
+
 def _v(t: torch.Tensor) -> torch.Tensor:
     """Per-channel vector -> (1, C, 1), broadcasting against a canonical view."""
     return t.view(1, -1, 1)
@@ -349,7 +363,7 @@ class FusedLpBatchNorm(torch.autograd.Function):
         ctx.bias = None if bias is None else (bias.shape, bias.dtype)
         ctx.save_for_backward(x, weight, mean, scale, threshold, hot)
         ctx.mark_non_differentiable(mean, stat)
-        return uncanonical(y3, x), mean, stat
+        return unviewed(uncanonical(y3, x)), mean, stat
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_stat):

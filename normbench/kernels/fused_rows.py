@@ -97,7 +97,7 @@ class FusedLpRowNorm(torch.autograd.Function):
         ctx.p, ctx.k, ctx.const, ctx.center, ctx.kernels = p, k, const, center, kernels
         ctx.bias = None if bias is None else (bias.shape, bias.dtype)
         ctx.save_for_backward(x, weight, mean, scale, threshold)
-        return y3.reshape(x.shape)
+        return fused.unviewed(y3.reshape(x.shape))
 
     @staticmethod
     def backward(ctx, grad_y):
