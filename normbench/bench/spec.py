@@ -99,6 +99,26 @@ QUICK_GROUPS = (
 )
 QUICK_PASSES = ("fwd+bwd",)
 
+# profile --model: the norms each family of a model's layers runs with when no --norm is given
+MODEL_NORMS = {
+    "batchnorm": ("l2", "l1", "linf"),
+    "layernorm": ("layernorm", "l1-layernorm", "linf-layernorm"),
+    "rmsnorm": ("rmsnorm", "l1-rmsnorm", "linf-rmsnorm"),
+    "groupnorm": ("groupnorm", "l1-groupnorm", "linf-groupnorm"),
+}
+
+
+def model_groups(label: str, shapes: Sequence[tuple[str, tuple[int, ...]]]) -> tuple[ShapeGroup, ...]:
+    """One shape group per norm family of a model's layers (``profile --model``): the distinct
+    input shapes of its layers of that family, in network order, with that family's norms."""
+    by_family: dict[str, dict[tuple[int, ...], None]] = {}
+    for family, shape in shapes:
+        if family not in MODEL_NORMS:
+            raise ValueError(f"no profile norms for the {family} family")
+        by_family.setdefault(family, {})[tuple(shape)] = None
+    return tuple(ShapeGroup(f"{label} {family}", tuple(found), MODEL_NORMS[family], (family,))
+                 for family, found in by_family.items())
+
 
 def quick_impls() -> tuple[str, ...]:
     """The registered implementations --quick runs: those that do not compile (seconds per
@@ -222,12 +242,16 @@ def make_spec(
     threads: int | None = None,
     malloc: str = "steady",
     cache: str = "cold",
+    groups: Sequence[ShapeGroup] | None = None,
 ) -> ProfileSpec:
     """A validated :class:`ProfileSpec` from option values (comma-separated strings or lists);
-    None keeps the default grid's (or with ``quick`` the reduced grid's) value."""
+    None keeps the default grid's (or with ``quick`` the reduced grid's) value. ``groups``
+    (a model's layer shapes, :func:`model_groups`) replace the grid's shapes."""
+    if groups is not None and (shape is not None or preset is not None):
+        raise UserError("--model profiles the model's own shapes: leave out --shape and --preset")
     base = ProfileSpec(groups=QUICK_GROUPS, timing=QUICK_TIMING, passes=QUICK_PASSES, impls=quick_impls()) \
         if quick else ProfileSpec()
-    groups: tuple[ShapeGroup, ...] = base.groups
+    groups = base.groups if groups is None else tuple(groups)
     if shape is not None and preset is not None:
         raise UserError("give --shape or --preset, not both")
     if shape is not None:

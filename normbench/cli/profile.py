@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 import click
 
-
+from normbench.cli.model_options import check_model_options, model_options
 
 @click.command()
 @click.option("--norm", help="Norms, comma-separated: l2, l1, linf, top<k> (batch-norm), layernorm, rmsnorm, "
@@ -40,16 +40,22 @@ import click
               "call before (default: CPU inputs out of the last-level cache in every repeat, CUDA's L2 flushed).")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (one profiled call per cell).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@model_options
 def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | None, preset: str | None,
             pass_: str | None, mode: str | None, memory_format: str | None, device: str, threads: int | None,
             malloc: str, quick: bool, output: str | None, resume: bool, force: bool, warm_cache: bool,
-            no_memory: bool, quiet: bool) -> int:
+            no_memory: bool, quiet: bool, model: str | None, weights: str | None, model_input: str | None,
+            input_shape: str | None, train: bool, max_elements: int | None) -> int:
     """How fast is each norm layer, per dtype and shape, forward and backward, against torch's own
     layer and against this device's copy bandwidth; and how much memory does it keep for backward?
 
     With no options runs a default grid (about a minute on a 2-core CPU) and prints one table per
     shape group: in each block of one shape, dtype and pass the fastest row comes first, and the
     bar shows how close each comes to the bandwidth limit.
+
+    With --model, the grid is the model's own norm-layer shapes (one group per family, the
+    memory format its layers saw), and the model's whole training step is timed as it is and
+    converted (normbench.nn.convert) to each batch-norm dispersion of --norm (default l2,l1,linf).
     """
     from normbench.axes import resolve_device
     from normbench.bench import KEY_FIELDS, make_spec, run
@@ -57,9 +63,28 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
     from normbench.results import RESUME_FIELDS, check_output_options, environment, open_results, schema_name
 
     check_output_options(output, resume, force)
+    check_model_options(model, weights=weights, model_input=model_input, input_shape=input_shape,
+                        max_elements=max_elements)
+    prepared, groups, left_out = None, None, []
+    if model is not None:
+        from normbench.axes import parse_shape
+        from normbench.bench.spec import model_groups
+        from normbench.errors import UserError
+        from normbench.models.prepare import capture_model, prepare_model
+
+        if max_elements is not None:
+            raise UserError("--max-elements applies to stability --model (profile keeps no tensors)")
+        prepared = prepare_model(model, weights, model_input, None if input_shape is None else parse_shape(input_shape),
+                                 resolve_device(device))
+        shapes, formats, left_out = capture_model(prepared, train=train, max_elements=1).profile_shapes()
+        if not shapes:
+            raise UserError(f"--model {model}: no normalization layer to profile ({'; '.join(left_out[:3])})")
+        groups = model_groups(model, shapes)
+        if memory_format is None:
+            memory_format = ",".join(formats)
     spec = make_spec(norm=norm, impl=impl, dtype=dtype, shape=shape, preset=preset, pass_=pass_, mode=mode,
                      memory_format=memory_format, device=device, quick=quick, measure_memory=not no_memory,
-                     threads=threads, malloc=malloc, cache="warm" if warm_cache else "cold")
+                     threads=threads, malloc=malloc, cache="warm" if warm_cache else "cold", groups=groups)
     dev = resolve_device(spec.device)
     load = _load_average()
     writer = None
@@ -97,11 +122,28 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
 
         records = run(spec, on_record=writer.write if writer else None, skip=writer.has if writer else None,
                       on_progress=progress)
+        if prepared is not None:
+            from normbench.axes import parse_norms
+            from normbench.axes import split_list
+            from normbench.bench.model_step import convert_impl, model_step_records
+            from normbench.bench.runner import default_timer
+
+            bar.update(task, description="model training step")
+            steps = model_step_records(prepared.module, prepared.inputs, model, parse_norms(norm or "l2,l1,linf"), dev,
+                                       spec.timing, default_timer(dev, "warm"),
+                                       impl=convert_impl(None if impl is None else split_list(impl)))
+            for r in steps:
+                if writer and not writer.has(r):
+                    writer.write(r)
+            records += steps
     shown = writer.records if writer else records
     out = Console()
     if not out.is_terminal:  # a file or a pipe: no terminal width to respect
         out = Console(width=120)
-    render(shown, out)
+    render([r for r in shown if r.get("kind") != "model_step"], out)
+    render_model_steps([r for r in shown if r.get("kind") == "model_step"], out)
+    for note in left_out:
+        out.print(f"[yellow]not profiled:[/] {note}")
     if writer:
         click.echo(f"{len(records)} cells measured, {len(writer.records)} in {writer.path}", err=True)
     from normbench.cli.outcome import finish
@@ -214,6 +256,31 @@ def render(records: Iterable[dict[str, Any]], console: Any) -> None:
         for (status, reason), cells in reasons.items():
             color = "yellow" if status == "skipped" else "red"
             console.print(f"  [{color}]{status}[/] {', '.join(sorted(cells))}: {reason}")
+
+
+def render_model_steps(records: list[dict[str, Any]], console: Any) -> None:
+    """The model's training step per variant (original, converted to each p) and the verdicts."""
+    if not records:
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    from normbench.bench.model_step import step_verdicts
+
+    table = Table(title="[bold]the model's training step (forward + backward)[/]")
+    for col in ("model", "batch-norm", "layers converted", "dtype", "input", "time ± IQR", "vs original"):
+        table.add_column(col)
+    for r in records:
+        if r.get("status") != "ok":
+            table.add_row(escape(r["model"]), r["norm"], str(r.get("converted_layers", "-")), r["dtype"], r["shape"],
+                          f"[yellow]{r.get('status')}: {escape(str(r.get('reason')))}[/]", "-")
+            continue
+        table.add_row(escape(r["model"]), r["norm"], str(r["converted_layers"]), r["dtype"], r["shape"],
+                      _fmt_time_iqr(r["time_median_s"], r.get("time_iqr_s")),
+                      "[dim]ref[/]" if r["norm"] == "original" else _fmt_speedup(r.get("speedup_vs_original")))
+    console.print(table)
+    for line in step_verdicts(records):
+        console.print(escape(line))
 
 
 @click.command("profile")

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from normbench.cli.model_options import check_model_options, model_options
 from normbench.results import ResultsWriter
 
 FAIL_ON_HELP = "overflow (any overflow or non-finite output/gradient) and/or error:<ulps>, comma-separated"
@@ -102,15 +103,21 @@ def _analytic(a: dict[str, Any] | None) -> str:
               "(refused when the file was measured on another device, torch version or thread count).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --output file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@model_options
 def stability(norm: str, dtype: str, compute: str, reduction: str, impl: str, eps: float, case: str | None,
               shape: str | None, input_path: str | None, fp8_compute: str, fail_on: str | None, device: str, quick: bool,
-              output: str | None, resume: bool, force: bool, quiet: bool) -> int:
+              output: str | None, resume: bool, force: bool, quiet: bool, model: str | None, weights: str | None,
+              model_input: str | None, input_shape: str | None, train: bool, max_elements: int | None) -> int:
     """Where does each norm layer overflow, underflow or lose accuracy in fp16, bf16 and fp8,
     against a float64 reference, forward and input gradient?
 
     With no options runs every input case for L2, L1 and L-inf batch-norm in every dtype, both
     compute models, and prints per norm and dtype the safe range of input scales (measured, and
     the analytic thresholds beside it), the worst error and the cases that failed.
+
+    With --model, every normalization layer of the model is a case of its own kind and axes (its
+    captured input and upstream gradient; a layer's own eps), measured with each norm's
+    dispersion, with its headroom: how far its input may grow before the first failure.
     """
     from normbench.axes import dtype_name, parse_dtypes, parse_norms, parse_shape, resolve_device, split_list
     from normbench.errors import UserError
@@ -122,10 +129,24 @@ def stability(norm: str, dtype: str, compute: str, reduction: str, impl: str, ep
     dev = resolve_device(device)
     norms = tuple(n.name for n in parse_norms(norm))
     cases = None if case is None else tuple(split_list(case))
-    if cases is None and input_path is not None:
+    if cases is None and (input_path is not None or model is not None):
         cases = ()
-    if cases is not None and not cases and input_path is None:
+    if cases is not None and not cases and input_path is None and model is None:
         raise UserError("--case needs at least one case name")
+    check_model_options(model, weights=weights, model_input=model_input, input_shape=input_shape,
+                        max_elements=max_elements)
+    captured = None
+    if model is not None:
+        from normbench.models.capture import layer_cases
+        from normbench.models.prepare import capture_model, prepare_model
+
+        prepared = prepare_model(model, weights, model_input, None if input_shape is None else parse_shape(input_shape),
+                                 dev)
+        keep = max_elements if max_elements is not None else (4096 if quick else 65536)
+        captured = capture_model(prepared, train=train, max_elements=keep)
+        if not captured.analysed:
+            reasons = "; ".join(f"{layer.name}: {layer.skipped}" for layer in captured.skipped[:3])
+            raise UserError(f"--model {model}: no normalization layer could be captured ({reasons})")
     spec = StabilitySpec(
         norms=norms,
         dtypes=tuple(dtype_name(d) for d in parse_dtypes(dtype)),
@@ -136,6 +157,7 @@ def stability(norm: str, dtype: str, compute: str, reduction: str, impl: str, ep
         eps=eps,
         cases=cases,
         input_path=input_path,
+        layers=() if captured is None else layer_cases(captured),
         quick=quick,
         device=dev,
         fp8_compute=fp8_compute,
@@ -160,7 +182,7 @@ def stability(norm: str, dtype: str, compute: str, reduction: str, impl: str, ep
             records.append(record)
             bar.update(task, advance=1)
     shown = writer.records if writer else records
-    _render(shown, spec, output)
+    _render(shown, spec, output, captured)
     bad: list[dict[str, Any]] = []
     if fail_overflow or fail_ulps is not None:
         from normbench.numerics.summary import case_label, fails_threshold
@@ -208,17 +230,81 @@ def _user_table(records: list[dict[str, Any]]) -> Any:
     return table
 
 
-def _render(records: list[dict[str, Any]], spec: Any, output: str | None) -> None:
+def _layer_table(records: list[dict[str, Any]]) -> Any:
+    """One row per layer, dtype and compute model, in network order; a column per dispersion:
+    the verdict at the captured scale and the headroom."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from normbench.axes import format_shape
+    from normbench.numerics.summary import compute_label, dispersion, failures, headroom_text, layer_records
+
+    recs = layer_records(records)
+    disps = list(dict.fromkeys(dispersion(r) for r in recs))
+    table = Table(title="normbench stability --model: each normalization layer, its captured input "
+                        "(verdict now, headroom: how far the input may grow)")
+    for col in ("layer", "kind", "input", "dtype", "compute", *disps):
+        table.add_column(col)
+    rows: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in recs:
+        rows.setdefault((r["layer"], r["dtype"], compute_label(r)), {})[dispersion(r)] = r
+    for (layer, dtype, compute), by_disp in rows.items():
+        first = next(iter(by_disp.values()))
+        kept = first.get("kept") or {}
+        shape = format_shape(first.get("layer_shape") or [])
+        if kept and kept.get("kept") != kept.get("of"):
+            shape += f" [dim](kept {kept['kept']}/{kept['of']} {kept['unit']})[/]"
+        cells = []
+        for d in disps:
+            r = by_disp.get(d)
+            if r is None:
+                cells.append("-")
+            elif r.get("status") != "ok":
+                cells.append(f"[yellow]{r.get('status')}[/]")
+            elif r.get("safe"):
+                cells.append(f"[green]ok[/] {headroom_text(r)}")
+            else:
+                why = failures(r)
+                cells.append(f"[red]{escape(why[0] if why else 'unsafe')}[/] {headroom_text(r)}")
+        table.add_row(escape(layer), first.get("layer_kind", ""), shape, dtype, compute, *cells)
+    return table
+
+
+def _render_layers(out: Any, records: list[dict[str, Any]], captured: Any) -> None:
+    from rich.markup import escape
+
+    from normbench.numerics.runner import HEADROOM_SEARCH
+    from normbench.numerics.summary import layer_verdicts
+
+    out.print(_layer_table(records))
+    for line in layer_verdicts(records):
+        out.print(escape(line))
+    out.print(f"[dim]headroom: the largest factor found safe; {HEADROOM_SEARCH}. Upstream gradients are the "
+              f"captured ones times the layer's weight, scaled by a power of 2 into [1, 2) as a loss scaler would.[/]")
+    if captured is not None:
+        out.print(f"[dim]capture: one {captured.mode}-mode pass, loss: {captured.loss}.[/]")
+        for layer in captured.skipped:
+            out.print(f"[yellow]skipped {escape(layer.name)} ({layer.kind}): {escape(str(layer.skipped))}[/]")
+
+
+def _render(records: list[dict[str, Any]], spec: Any, output: str | None, captured: Any = None) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     from normbench.numerics.formats import FORMATS
-    from normbench.numerics.summary import fp8_note, summarize
+    from normbench.numerics.summary import summarize
 
     out = Console()
     if not out.is_terminal:
         out = Console(width=160)
+    every = records
+    if any(r.get("layer") is not None for r in records):
+        _render_layers(out, records, captured)
+        records = [r for r in records if r.get("layer") is None]
+        if not records:
+            _render_notes(out, every, spec, output)
+            return
     table = Table(title="normbench stability: safe input scale sigma (Gaussian sweep) and failures")
     for col, ratio in (("norm", None), ("dtype", None), ("compute", None), ("safe sigma\nmeasured", None),
                        ("safe sigma, analytic\n(what limits it)", 3), ("worst error, ulps\n(where)", 3),
@@ -253,10 +339,21 @@ def _render(records: list[dict[str, Any]], spec: Any, output: str | None) -> Non
     user = [r for r in records if r.get("case", {}).get("name") == "file"]
     if user:
         out.print(_user_table(user))
+    _render_notes(out, every, spec, output)
+
+
+def _render_notes(out: Any, records: list[dict[str, Any]], spec: Any, output: str | None) -> None:
+    """The footnotes under the tables: what "safe" means, fp8, skipped and failed cells, the file."""
+    from rich.markup import escape
+
+    from normbench.numerics.summary import fp8_note
+
     tol = ", ".join(f"{d} {spec.tolerance(d):.2g}" for d in spec.dtypes)
+    sweep = any(r.get("case", {}).get("name") == "gauss" for r in records)
     out.print(f"[dim]Safe: finite, no overflow, at most {spec.max_input_underflow:.0%} of the input underflowing, "
               f"relative error of output and input gradient at most {tol} (min({spec.safe_ulps:g} ulps, "
-              f"{spec.max_safe_rel_err:g})). Scales stepped by decades; ≤/≥: safe up to the end of the sweep.[/]")
+              f"{spec.max_safe_rel_err:g}))."
+              + (" Scales stepped by decades; ≤/≥: safe up to the end of the sweep." if sweep else "") + "[/]")
     note = fp8_note(spec.dtypes, spec.fp8_compute)
     if note:
         out.print(f"[dim]{note}[/]")
@@ -279,11 +376,12 @@ def _render(records: list[dict[str, Any]], spec: Any, output: str | None) -> Non
               help="Which compute model's lines to draw (native solid, framework dashed).")
 def plot_stability(file: str, output_dir: str, fmt: str, compute: str) -> int:
     """Draw a `normbench stability` results file: error against input scale, one line per norm,
-    a panel per dtype, the overflow and underflow bounds marked."""
+    a panel per dtype, the overflow and underflow bounds marked; for --model records, the
+    headroom of each layer per norm (stability_headroom)."""
     from normbench.cli.outcome import finish
-    from normbench.plots.stability import plot_stability as draw
-    from normbench.plots.stability import read_stability_records
+    from normbench.plots.stability import plot_stability_records, read_stability_records
 
     records = read_stability_records(file)
-    click.echo(str(draw(records, output_dir, fmt=fmt, compute=compute)))
+    for path in plot_stability_records(records, output_dir, fmt=fmt, compute=compute):
+        click.echo(str(path))
     return finish(records)

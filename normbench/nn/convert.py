@@ -21,6 +21,14 @@ _TARGET: dict[type, type] = {
     LpBatchNorm2d: LpBatchNorm2d,
     LpBatchNorm3d: LpBatchNorm3d,
 }
+
+
+def is_convertible(module: nn.Module) -> bool:
+    """Whether :func:`convert` swaps this module (its exact class is one of torch's BatchNorm1d/2d/3d
+    or normbench's LpBatchNorm1d/2d/3d)."""
+    return type(module) in _TARGET
+
+
 _PARAMETERS = ("weight", "bias")
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _HOOKS = (

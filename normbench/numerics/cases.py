@@ -103,13 +103,21 @@ GENERATORS: dict[str, Callable[..., torch.Tensor]] = {
 @dataclass(frozen=True)
 class Case:
     """One input: a generator, its parameters, a shape ``(N, C, L)`` and a seed; or (``tensor``
-    set) a user's tensor, named by its file and key."""
+    set) a user's tensor, named by its file and key; or a layer of a model (``--model``): its
+    captured input as ``tensor``, the gradient that reached it as ``grad`` (used instead of the
+    seeded N(0, 1) upstream gradient), the ``family`` the requested norms are mapped to (None:
+    the norms as named), the layer's own ``eps`` (None: the run's) and ``fields``, extra record
+    fields of every cell on this case (the layer's name, kind, what was kept)."""
 
     name: str
     params: Params = ()
     shape: tuple[int, ...] = (32, 4, 128)
     seed: int = 0
     tensor: torch.Tensor | None = field(default=None, compare=False, hash=False)
+    grad: torch.Tensor | None = field(default=None, compare=False, hash=False)
+    family: str | None = None
+    eps: float | None = None
+    fields: Params = field(default=(), compare=False, hash=False)
 
     @property
     def param_dict(self) -> dict[str, Any]:

@@ -53,6 +53,19 @@ def _load_torch(path: Path) -> Any:
         raise UserError(f"{path}: not a readable torch file ({str(exc).splitlines()[0][:160]})") from None
 
 
+def load_torch(path: Path) -> Any:
+    """What a torch file holds, read with ``torch.load(weights_only=True)`` on the CPU; a
+    :class:`~normbench.errors.UserError` for a file that needs code unpickled or cannot be read
+    (``--input``, ``--model-input`` and ``--weights`` all read torch files this way)."""
+    return _load_torch(path)
+
+
+def load_numpy(path: Path) -> dict[str | None, Any]:
+    """The arrays of a .npy (key None) or .npz file as float64 tensors, read with
+    ``allow_pickle=False``; a UserError for object arrays or an unreadable file."""
+    return _load_numpy(path)
+
+
 def _load_numpy(path: Path) -> dict[str | None, Any]:
     try:
         import numpy as np

@@ -42,7 +42,14 @@ from normbench.numerics.metrics import compare, input_cast
 DTYPE_CHOICES = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp32")
 COMPUTES = ("framework", "native")
 FP8_COMPUTE_CHOICES = ("fp16", "bf16", "fp32")
-KEY_FIELDS = ("norm", "impl", "dtype", "compute", "compute_dtype", "reduction", "eps", "case")
+# ``layer``: the qualified name of a model's layer (--model), null for every other case; files
+# written before it lack the field, which ``record_key`` reads as null: they keep their keys
+KEY_FIELDS = ("norm", "impl", "dtype", "compute", "compute_dtype", "reduction", "eps", "case", "layer")
+LAYER_CASE = "layer"  # the name of the cases that are a model's layers (normbench.models)
+# the headroom search: powers of 2 of the captured input, from 2^-HEADROOM_MAX_EXP to 2^HEADROOM_MAX_EXP
+HEADROOM_MAX_EXP = 128
+HEADROOM_SEARCH = (f"input scaled by powers of 2 (upstream gradient kept), 2^-{HEADROOM_MAX_EXP} .. "
+                   f"2^{HEADROOM_MAX_EXP}: doubling exponents, then bisection")
 IMPLS = ("normbench", "torch")
 
 
@@ -66,6 +73,7 @@ class StabilitySpec:
     eps: float = 1e-5
     cases: tuple[str, ...] | None = None
     input_path: str | None = None
+    layers: tuple[Case, ...] = ()
     quick: bool = False
     device: str = "cpu"
     fp8_compute: str = "fp16"
@@ -113,14 +121,15 @@ class StabilitySpec:
         return min(self.safe_ulps * FORMATS[dtype].eps, self.max_safe_rel_err)
 
     def all_cases(self) -> list[Case]:
-        """Generated cases then the user's tensors."""
+        """Generated cases, the user's tensors, then a model's layers (``layers``)."""
         cases = [] if self.cases == () else default_cases(self.cases, self.quick, self.seed, self.shape)
         if self.input_path is not None:
             from normbench.numerics.inputs import load_inputs
 
             cases += load_inputs(self.input_path)
+        cases += list(self.layers)
         if not cases:
-            raise UserError("no cases to run: give --case or --input")
+            raise UserError("no cases to run: give --case, --input or --model")
         return cases
 
 
@@ -136,8 +145,13 @@ class Cell:
     compute_dtype: str
     impl: str = "emulated"
 
+    def eps(self, spec: StabilitySpec) -> float:
+        """The layer's eps: a model layer's own, else the run's."""
+        return spec.eps if self.case.eps is None else self.case.eps
+
     def axes(self, spec: StabilitySpec) -> dict[str, Any]:
-        """The record's axis fields (what identifies the cell in a results file)."""
+        """The record's axis fields (what identifies the cell in a results file), and for a
+        model's layer its fields (``layer``, ``layer_kind`` ...)."""
         return {
             "norm": self.norm.name,
             "impl": self.impl,
@@ -145,9 +159,11 @@ class Cell:
             "compute": self.compute,
             "compute_dtype": self.compute_dtype,
             "reduction": self.reduction,
-            "eps": spec.eps,
+            "eps": self.eps(spec),
             "case": self.case.describe(),
             "shape": format_shape(self.case.shape),
+            "layer": None,  # a model's layer (--model) names itself in its case's fields
+            **dict(self.case.fields),
         }
 
 
@@ -158,8 +174,7 @@ def cells(spec: StabilitySpec, cases: list[Case] | None = None) -> list[Cell]:
     for case in spec.all_cases() if cases is None else cases:
         for dtype in spec.dtypes:
             cdt = spec.compute_format(dtype).name
-            for name in spec.norms:
-                norm = parse_norm(name)
+            for norm in case_norms(spec.norms, case):
                 for compute in spec.computes:
                     if compute == "native":
                         for reduction in spec.reductions:
@@ -170,6 +185,16 @@ def cells(spec: StabilitySpec, cases: list[Case] | None = None) -> list[Cell]:
                             continue  # torch has L2 layers only
                         out.append(Cell(norm, dtype, compute, None, case, cdt, impl))
     return out
+
+
+def case_norms(names: tuple[str, ...], case: Case) -> list[NormSpec]:
+    """The norms a case is measured with: as named, or for a model's layer (``case.family`` set)
+    each named dispersion in the layer's own family (``l1`` on a LayerNorm is ``l1-layernorm``),
+    without repeats."""
+    specs = [parse_norm(n) for n in names]
+    if case.family is not None:
+        specs = [NormSpec(case.family, s.p, s.k) for s in specs]
+    return list(dict.fromkeys(specs))
 
 
 def _skip_reason(exc: BaseException) -> str | None:
@@ -187,11 +212,15 @@ def _skip_reason(exc: BaseException) -> str | None:
 class _Group:
     """Inputs and reference shared by the cells of one (case, dtype, norm)."""
 
-    def __init__(self, case: Case, dtype: str, norm: NormSpec, spec: StabilitySpec) -> None:
+    def __init__(self, case: Case, dtype: str, norm: NormSpec, spec: StabilitySpec, eps: float,
+                 scale: float = 1.0) -> None:
         self.storage = FORMATS[dtype]
-        exact = case.generate()
-        gen = torch.Generator().manual_seed(case.seed + 1)
-        dy_exact = torch.randn(exact.shape, generator=gen, dtype=torch.float64)
+        exact = case.generate() * scale
+        if case.grad is not None:
+            dy_exact = case.grad.detach().to("cpu", torch.float64)
+        else:
+            gen = torch.Generator().manual_seed(case.seed + 1)
+            dy_exact = torch.randn(exact.shape, generator=gen, dtype=torch.float64)
         x, self.input_info = input_cast(exact, self.storage)
         self.x = x.to(spec.device)
         self.dy = self.storage.round(dy_exact).to(spec.device)
@@ -199,18 +228,19 @@ class _Group:
         self.n = norm.reduced_numel(tuple(x.shape))
         if norm.k is not None and norm.k > self.n:
             raise ValueError(f"top-{norm.k} needs at least {norm.k} values per statistic, this case has {self.n}")
-        self.ref_y, self.ref_dx = layers.reference(self.x, self.dy, norm, spec.eps)
+        self.ref_y, self.ref_dx = layers.reference(self.x, self.dy, norm, eps)
 
 
 def _measure(cell: Cell, group: _Group, spec: StabilitySpec) -> dict[str, Any]:
     storage = group.storage
     compute_fmt = FORMATS[cell.compute_dtype]
+    eps = cell.eps(spec)
     if cell.compute == "framework":
-        out = layers.framework(group.x, group.dy, cell.norm, spec.eps, compute_fmt.dtype, storage,
+        out = layers.framework(group.x, group.dy, cell.norm, eps, compute_fmt.dtype, storage,
                                torch_layer=cell.impl == "torch")
     else:
         emu = Emulator(compute_fmt, cell.reduction or "pairwise")
-        out = layers.native(group.x, group.dy, cell.norm, spec.eps, emu, storage)
+        out = layers.native(group.x, group.dy, cell.norm, eps, emu, storage)
     stage = "input" if group.input_info["input_overflow"] else out.overflow_stage
     fwd = compare(out.y, group.ref_y, storage)
     bwd = compare(out.dx, group.ref_dx, storage, prefix="grad_")
@@ -220,7 +250,7 @@ def _measure(cell: Cell, group: _Group, spec: StabilitySpec) -> dict[str, Any]:
     if stage is None and fwd["nonfinite_fraction"] == 0 and bwd["grad_nonfinite_fraction"] > 0:
         grad_inf = True
     # the eps the arithmetic adds: rounded to the compute dtype (native) or float32 (framework)
-    eps_stored = Emulator(compute_fmt if cell.compute == "native" else FORMATS["fp32"]).constant(spec.eps)
+    eps_stored = Emulator(compute_fmt if cell.compute == "native" else FORMATS["fp32"]).constant(eps)
     record: dict[str, Any] = {
         "n": group.n,
         "overflow": stage is not None,
@@ -236,6 +266,53 @@ def _measure(cell: Cell, group: _Group, spec: StabilitySpec) -> dict[str, Any]:
     record["tolerance"] = tol
     record["safe"] = is_safe(record, tol, spec.max_input_underflow)
     return record
+
+
+def headroom(cell: Cell, spec: StabilitySpec, safe_now: bool) -> dict[str, Any]:
+    """How far the cell's input may grow before the cell stops being safe (:func:`is_safe`: an
+    overflow, a non-finite value, an error above the tolerance, input underflow): the input is
+    scaled by powers of 2 (exact in every format while nothing overflows or underflows), the
+    upstream gradient kept. Safe now: the exponent doubles (2, 4, 8 ... up to
+    ``HEADROOM_MAX_EXP``) until a scale fails, then bisection finds the first failing power;
+    ``headroom`` is the largest safe factor found, ``headroom_fails_at`` the smallest failing
+    one (None: safe up to ``2^HEADROOM_MAX_EXP``, ``headroom_open``). Failing now: the same
+    search downwards gives a factor below 1 (how far the input would have to shrink), or 0 when
+    no tested scale is safe. Assumes one boundary between safe and failing scales on the side
+    searched (bisection finds a boundary, not every one)."""
+
+    def safe(exp: int) -> bool:
+        try:
+            group = _Group(cell.case, cell.dtype, cell.norm, spec, cell.eps(spec), scale=2.0**exp)
+            return bool(_measure(cell, group, spec)["safe"])
+        except (ValueError, RuntimeError, OverflowError):
+            return False
+
+    good: int | None = 0 if safe_now else None  # a safe exponent
+    bad: int | None = None if safe_now else 0  # a failing exponent
+    exp = 1 if safe_now else -1
+    while abs(exp) <= HEADROOM_MAX_EXP:
+        ok = safe(exp)
+        if ok:
+            good = exp
+        else:
+            bad = exp
+        if ok != safe_now:
+            break
+        exp *= 2
+    if good is not None and bad is not None:
+        while abs(bad - good) > 1:
+            mid = (good + bad) // 2
+            if safe(mid):
+                good = mid
+            else:
+                bad = mid
+    return {
+        "headroom": 0.0 if good is None else 2.0**good,
+        "headroom_exp": good,
+        "headroom_fails_at": None if bad is None else 2.0**bad,
+        "headroom_open": bad is None,
+        "headroom_search": HEADROOM_SEARCH,
+    }
 
 
 def is_safe(record: dict[str, Any], tolerance: float, max_input_underflow: float = 0.1) -> bool:
@@ -285,7 +362,7 @@ def _iter(
         if key != group_key:
             group_key, group, group_error = key, None, None
             try:
-                group = _Group(cell.case, cell.dtype, cell.norm, spec)
+                group = _Group(cell.case, cell.dtype, cell.norm, spec, cell.eps(spec))
             except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
                 group_error = exc
         record = dict(axes)
@@ -294,6 +371,8 @@ def _iter(
             try:
                 record.update(status="ok", reason=None)
                 record.update(_measure(cell, group, spec))
+                if cell.case.name == LAYER_CASE:
+                    record.update(headroom(cell, spec, record["safe"]))
             except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                 exc = e
         if exc is not None:

@@ -282,3 +282,89 @@ def fp8_note(dtypes: Iterable[str], fp8_compute: str) -> str | None:
     if any(d in FP8 for d in dtypes):
         return f"fp8 is storage only: input, output and gradients are fp8, arithmetic runs in {fp8_compute}."
     return None
+
+
+# ---- a model's layers (stability --model) ---------------------------------------------------
+
+def layer_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of a model's layers, in network order (then as they came)."""
+    recs = [r for r in records if r.get("layer") is not None]
+    return sorted(recs, key=lambda r: r.get("layer_index", 0))
+
+
+def dispersion(record: dict[str, Any]) -> str:
+    """The dispersion of a record's norm (``l1`` for ``l1-layernorm``): a model's layers are
+    compared across families by it."""
+    return parse_norm(record["norm"]).dispersion
+
+
+def compute_label(record: dict[str, Any]) -> str:
+    """``native pairwise``, ``framework``, ``framework torch`` (a run has one fp8 compute dtype,
+    which the table's footnote names)."""
+    text = record["compute"] + (f" {record['reduction']}" if record.get("reduction") else "")
+    if record.get("impl") == "torch":
+        text += " torch"
+    return text
+
+
+def headroom_text(record: dict[str, Any]) -> str:
+    """A record's headroom in a few characters: ``64x``, ``2^40x``, ``≥2^128x``, ``0.25x``, ``none``."""
+    h, exp = record.get("headroom"), record.get("headroom_exp")
+    if h is None:
+        return "-"
+    if record.get("headroom_open"):
+        return f"≥2^{exp}x"
+    if h == 0:
+        return "none"
+    return f"{h:g}x" if 2**-4 <= h < 2**17 else f"2^{exp}x"
+
+
+def failure_phrase(record: dict[str, Any]) -> str:
+    """What went wrong in a record, as a verb phrase: ``overflows (statistic)``, ``is 24 ulps off``."""
+    if record.get("status") != "ok":
+        return f"was {record.get('status')} ({record.get('reason')})"
+    if record.get("overflow"):
+        return f"overflows ({record.get('overflow_stage')})"
+    if record.get("grad_overflow"):
+        return "overflows in the backward pass"
+    if (record.get("nonfinite_fraction") or 0) > 0 or (record.get("grad_nonfinite_fraction") or 0) > 0:
+        return "gives non-finite values"
+    if (record.get("input_underflow_fraction") or 0) > 0.1:
+        return "loses its input to underflow"
+    worst = max((record.get(f"{p}err_ulps") or 0.0) for p in ("", "grad_"))
+    return f"is {worst:.3g} ulps off"
+
+
+def layer_verdicts(records: Iterable[dict[str, Any]]) -> list[str]:
+    """Per dtype and compute model, the first layer (network order) that fails at the captured
+    scale for each norm, with the other norms' headroom at that layer: ``features.7: l2 overflows
+    (statistic) in native pairwise fp16 at the current scale; l1 has 64x headroom``; where no layer
+    fails, the least headroom of each norm and where."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in layer_records(records):
+        if r.get("status") == "ok":
+            groups[(r["dtype"], compute_label(r))].append(r)
+    lines = []
+    for (dtype, compute), recs in groups.items():
+        disps = list(dict.fromkeys(dispersion(r) for r in recs))
+        by_layer: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+        for r in recs:
+            by_layer[r["layer"]][dispersion(r)] = r
+        safe_everywhere = []
+        for d in disps:
+            first = next((r for r in recs if dispersion(r) == d and not r.get("safe")), None)
+            if first is None:
+                safe_everywhere.append(d)
+                continue
+            others = [f"{o} has {headroom_text(rec)} headroom" if rec.get("safe") else f"{o} fails too"
+                      for o, rec in by_layer[first["layer"]].items() if o != d]
+            lines.append(f"{first['layer']}: {d} {failure_phrase(first)} in {compute} {dtype} at the current scale"
+                         + (f"; {', '.join(others)}" if others else ""))
+        if safe_everywhere:
+            least = []
+            for d in safe_everywhere:
+                worst = min((r for r in recs if dispersion(r) == d), key=lambda r: r.get("headroom") or 0.0)
+                least.append(f"{d} {headroom_text(worst)} at {worst['layer']}")
+            lines.append(f"{compute} {dtype}: every layer safe for {', '.join(safe_everywhere)}; least headroom "
+                         + ", ".join(least))
+    return lines

@@ -153,6 +153,81 @@ def plot_stability(
     return save_figure(fig, output_dir, name, [fmt], dpi=130)[0]
 
 
+def plot_headroom(
+    records: Iterable[dict[str, Any]],
+    output_dir: str | os.PathLike,
+    fmt: str = "png",
+    compute: str = "both",
+    name: str = "stability_headroom",
+) -> Path:
+    """Draw the headroom of a model's layers (``stability --model`` records) into
+    ``output_dir/<name>.<fmt>``: a panel per dtype and compute model, the layers in network order
+    along x, the headroom (log2) up, one line per dispersion. A layer that fails at its captured
+    scale is drawn as a cross at its (below 1) headroom, or at the bottom when no scale was safe;
+    a headroom open at the end of the search as a triangle."""
+    if fmt not in IMAGE_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(IMAGE_FORMATS)}, got {fmt!r}")
+    from normbench.numerics.summary import compute_label, dispersion, layer_records
+
+    recs = [r for r in layer_records(records) if r.get("status") == "ok" and r.get("headroom") is not None]
+    if compute != "both":
+        recs = [r for r in recs if r.get("compute") == compute]
+    if not recs:
+        raise UserError("no layer headroom to draw: run `normbench stability --model ...`")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(dict.fromkeys(r["layer"] for r in recs))
+    panels = list(dict.fromkeys((r["dtype"], compute_label(r)) for r in recs))
+    disps = list(dict.fromkeys(dispersion(r) for r in recs))
+    colors = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(disps)}
+    exps = [r["headroom_exp"] for r in recs if r.get("headroom_exp") is not None]
+    bottom = min(exps + [0]) - 2
+    cols = min(2, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(max(6.0, 0.45 * len(layers)) * cols, 3.4 * nrows), squeeze=False)
+    for i, (dtype, comp) in enumerate(panels):
+        ax = axes[i // cols][i % cols]
+        for d in disps:
+            pts = [r for r in recs if r["dtype"] == dtype and compute_label(r) == comp and dispersion(r) == d]
+            xs = [layers.index(r["layer"]) for r in pts]
+            ys = [bottom if r.get("headroom_exp") is None else r["headroom_exp"] for r in pts]
+            ax.plot(xs, ys, "-", color=colors[d], linewidth=1.2, marker="o", markersize=3, label=d)
+            bad = [(x, y) for x, y, r in zip(xs, ys, pts) if not r.get("safe")]
+            ax.plot([x for x, _ in bad], [y for _, y in bad], "x", color=colors[d], markersize=8)
+            opened = [(x, y) for x, y, r in zip(xs, ys, pts) if r.get("headroom_open")]
+            ax.plot([x for x, _ in opened], [y for _, y in opened], "^", color=colors[d], markersize=6)
+        ax.axhline(0, color="0.5", linewidth=0.8)
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("headroom, log2 (factor)")
+        ax.set_title(f"{dtype}, {comp}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+    for j in range(len(panels), nrows * cols):
+        axes[j // cols][j % cols].axis("off")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=8, frameon=False)
+    fig.suptitle("normbench stability --model: how far each layer's input may grow before the first failure "
+                 "(x: fails at the captured scale; ^: safe to the end of the search)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return save_figure(fig, output_dir, name, [fmt], dpi=130)[0]
+
+
+def plot_stability_records(records: list[dict[str, Any]], output_dir: str | os.PathLike, fmt: str = "png",
+                           compute: str = "both") -> list[Path]:
+    """Every figure a stability file holds: the Gaussian sweep's (when it has one, or when it has
+    nothing else, to say so) and the layers' headroom (when it has ``--model`` records)."""
+    has_layers = any(r.get("layer") is not None for r in records)
+    paths = []
+    if _sweep(records) or not has_layers:
+        paths.append(plot_stability(records, output_dir, fmt=fmt, compute=compute))
+    if has_layers:
+        paths.append(plot_headroom(records, output_dir, fmt=fmt, compute=compute))
+    return paths
+
+
 def read_stability_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a stability results file (json, jsonl or csv); a UserError for a missing
     file or another command's results. (The CLI keeps them, to exit 1 when one is an error.)"""
