@@ -37,8 +37,9 @@ def prepare_model(
     seed: int = 0,
 ) -> PreparedModel:
     """Build the model ``spec`` names, load ``weights`` (a state_dict file), move it to
-    ``device``, and make its input: the tensors of ``model_input``, else Gaussian input of
-    ``input_shape``, else of the model's default shape (built-in and hub models have one)."""
+    ``device``, and make its input: the tensors of ``model_input``, else input of ``input_shape``
+    (else of the model's default shape: built-in and hub models have one): images of the built-in
+    dataset where the shape fits (:func:`dataset_images`), Gaussian otherwise."""
     if model_input is not None and input_shape is not None:
         raise UserError("give --model-input or --input-shape, not both")
     loaded = load_model(spec)
@@ -52,8 +53,24 @@ def prepare_model(
             raise UserError(f"--model {spec}: give the input: --input-shape (e.g. 8x3x224x224) or --model-input FILE")
         from normbench.axes import format_shape
 
-        raw, where = gaussian_input(shape, seed=seed), f"N(0, 1) of shape {format_shape(shape)}"
+        images = dataset_images(shape)
+        if images is not None:
+            raw, where = images, f"{shape[0]} images of the built-in digits dataset"
+        else:
+            raw, where = gaussian_input(shape, seed=seed), f"N(0, 1) of shape {format_shape(shape)}"
     return PreparedModel(loaded, prepare_input(raw, loaded.module, device), where, notes)
+
+
+def dataset_images(shape: Sequence[int]) -> Any:
+    """Real images where the shape is theirs: the first N standardized training images of the
+    built-in digits dataset for ``N x 1 x 8 x 8`` (N up to its 1,258), else None (Gaussian input).
+    Real images give the activations a trained or converted CNN meets, not those of noise."""
+    if len(shape) != 4 or tuple(shape[1:]) != (1, 8, 8):
+        return None
+    from normbench.experiments.data import load_dataset
+
+    x = load_dataset("digits").x_train
+    return x[: shape[0]].clone() if shape[0] <= len(x) else None
 
 
 def capture_model(prepared: PreparedModel, train: bool = True, max_elements: int | None = None,

@@ -243,3 +243,14 @@ def test_a_model_without_norm_layers_is_a_user_error():
 ])
 def test_classify(module, family):
     assert classify(module) == family
+
+
+def test_digits_shaped_input_is_real_images():
+    from normbench.experiments.data import load_dataset
+    from normbench.models.prepare import dataset_images, prepare_model
+
+    images = dataset_images((16, 1, 8, 8))
+    assert torch.equal(images, load_dataset("digits").x_train[:16])
+    assert dataset_images((16, 3, 8, 8)) is None and dataset_images((5000, 1, 8, 8)) is None
+    prepared = prepare_model("builtin:cnn", input_shape=(16, 1, 8, 8))
+    assert prepared.input_from == "16 images of the built-in digits dataset"
