@@ -51,10 +51,20 @@ def equivalence(quick: bool, regimes: str | None, protocol: str | None, **option
         **training_changes(options),
     )
     torch.set_num_threads(options["threads"])
+    from normbench.experiments import distributed
+
+    if distributed.init_from_env(config.device) > 1 and not distributed.is_main():
+        # under torchrun the other ranks train alongside rank 0, which records and draws
+        from normbench.experiments.runner import run
+
+        run(config, cache_dir=None, retrain=options["retrain"])
+        distributed.finish()
+        return 0
     outcome = run_with_progress(
         count_runs(config), options["quiet"],
         lambda bars: run_equivalence(config, options["output_dir"], fmt_list, bars, options["retrain"]),
     )
+    distributed.finish()
     _render(outcome, PRIMARY_METRIC)
     from normbench.cli.outcome import finish
 

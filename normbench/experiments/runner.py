@@ -30,6 +30,7 @@ from torch import nn
 
 from normbench.errors import UserError
 from normbench.kernels.background import compile_mode
+from normbench.experiments import distributed
 from normbench.experiments.data import DATASETS, Dataset, load_dataset
 from normbench.experiments.models import ARCHS, build_model, conv_layers, is_last_layer_param
 from normbench.experiments.recorder import Recorder, channel_norms, direction_param
@@ -105,6 +106,8 @@ class ExperimentConfig:
         for key in ("regimes", "seeds", "protocols"):
             shared.pop(key)
         shared["device"] = torch.device(self.device).type
+        if distributed.world() > 1:  # equal to one process up to rounding only: its own cache entry
+            shared["world_size"] = distributed.world()
         r = REGIMES[regime]
         spec = dict(r.spec(), **{f"wd_{kind}": weight_decay_of(kind, r, protocol, self.wd) for kind in KINDS})
         return {"regime": regime, "seed": seed, "protocol": protocol, **shared, "spec": spec}
@@ -239,6 +242,7 @@ def _train_run(
     if probe is not None:
         probe.attach(model)
     model.to(device).train()
+    net = distributed.wrap(model)  # the model itself in one process (torchrun: docs/distributed.md)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     shuffle = torch.Generator().manual_seed(seed)
@@ -279,7 +283,7 @@ def _train_run(
             if probe is not None:
                 probe.before_step(step)
             step += 1
-            out = model(x_train[idx])
+            out = net(x_train[idx])
             loss = F.cross_entropy(out, y_train[idx])
             if not torch.isfinite(loss):
                 record["diverged"] = True
@@ -411,7 +415,7 @@ def run(
             record = trained[key]
             cached = key not in fresh
         else:
-            record = None if retrain else cache_read(cache, key)
+            record = None if retrain else distributed.from_main(cache_read, cache, key)
             cached = record is not None
             if record is None:
                 record = train_run(rc, data, reference, progress)

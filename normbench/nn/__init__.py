@@ -15,6 +15,7 @@ from normbench.nn.modules import (
     LpLayerNorm,
     LpRMSNorm,
 )
+from normbench.nn.sync import SyncLpBatchNorm
 from normbench.nn.weight_norm import bounded_weight_norm, channel_norm, remove_weight_norm, weight_norm
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "LpLayerNorm",
     "LpRMSNorm",
     "LpGroupNorm",
+    "SyncLpBatchNorm",
     "weight_norm",
     "bounded_weight_norm",
     "remove_weight_norm",
