@@ -40,7 +40,7 @@ from torch import nn
 
 from normbench.axes import parse_norm
 from normbench.nn import LpBatchNorm2d
-from normbench.nn.functional import _update_running, lp_batch_norm
+from normbench.nn.functional import lp_batch_norm, update_running_stats
 from normbench.numerics.emulator import REDUCTIONS, Emulator
 from normbench.numerics.formats import FP8, FORMATS
 from normbench.numerics.layers import from_rows, native_forward, to_rows
@@ -163,7 +163,7 @@ class LowPrecisionBatchNorm2d(nn.Module):
         y = _store(emu.add(emu.mul(xhat, w), b), self.storage)
         self.monitor.check(self.layer_name, "output", y.detach())
         with torch.no_grad():
-            _update_running(self.running_mean, self.running_var, mean.detach().reshape(-1).to(self.running_mean.dtype),
+            update_running_stats(self.running_mean, self.running_var, mean.detach().reshape(-1).to(self.running_mean.dtype),
                             stat.detach().reshape(-1).to(self.running_var.dtype), spec.p, spec.k,
                             rows.shape[-1], self.momentum, self.eps)
         return from_rows(y, tuple(z.shape), _ROWS)

@@ -163,15 +163,17 @@ def lp_batch_norm(
             input, _channel_view(weight, input.dim()), _channel_view(bias, input.dim()), dims, p, k, eps, True, impl
         )
     if running_mean is not None and running_var is not None:
-        _update_running(running_mean, running_var, mean.reshape(-1), stat.reshape(-1), *check_pk(p, k), n, momentum, eps)
+        update_running_stats(running_mean, running_var, mean.reshape(-1), stat.reshape(-1), *check_pk(p, k), n, momentum, eps)
     return y
 
 
 @torch.no_grad()
-def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
-                    p: float, k: int | None, n: int, momentum: float, eps: float) -> None:
+def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+                         stat: torch.Tensor, p: float, k: int | None, n: int, momentum: float, eps: float) -> None:
     """``running = (1 - momentum) * running + momentum * batch``, in place, for the mean and for
-    :func:`~normbench.kernels.reference.running_variance`. p=2 in two fused ops without
+    :func:`~normbench.kernels.reference.running_variance`: what every Lp batch-norm does with the
+    batch ``mean`` and dispersion statistic ``stat`` of ``n`` values per channel (the layers here,
+    SyncLpBatchNorm, and the low-precision layers of ``plot halfprec``). p=2 in two fused ops without
     temporaries (torch's update; this runs on every training call, where small ops cost more
     than the arithmetic); p != 2 from a per-channel vector computed in float64."""
     running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)

@@ -42,7 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from normbench.kernels.constants import dispersion_constant
 from normbench.kernels.reference import check_pk, compute_dtype, flatten_reduced, scale_from_statistic
 from normbench.nn.convert import _BUFFERS, _PARAMETERS
-from normbench.nn.functional import _update_running
+from normbench.nn.functional import update_running_stats
 from normbench.nn.modules import _LpBatchNorm
 
 __all__ = ["SyncLpBatchNorm", "collectives"]
@@ -255,7 +255,7 @@ class SyncLpBatchNorm(_LpBatchNorm):
                 factor = 1.0 / float(self.num_batches_tracked)
         y, mean, stat, n = SyncLpNormFunction.apply(input, self.weight, self.bias, self.p, self.k, self.eps, group)
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
-            _update_running(self.running_mean, self.running_var, mean, stat, self.p, self.k, n, factor, self.eps)
+            update_running_stats(self.running_mean, self.running_var, mean, stat, self.p, self.k, n, factor, self.eps)
         return y
 
     @classmethod
