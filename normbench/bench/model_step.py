@@ -46,20 +46,14 @@ def _convertible(model: nn.Module) -> int:
 
 
 def _step(model: nn.Module, inputs: Any, seed: int) -> Callable[[], object]:
-    from normbench.models.capture import training_loss
+    from normbench.models.capture import call_model, training_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> object:
         for p in params:
             p.grad = None
-        if isinstance(inputs, dict):
-            out = model(**inputs)
-        elif isinstance(inputs, torch.Tensor):
-            out = model(inputs)
-        else:
-            out = model(*inputs)
-        loss, _ = training_loss(out, seed)
+        loss, _ = training_loss(call_model(model, inputs), seed)
         loss.backward()
         return loss
 

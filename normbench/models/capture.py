@@ -298,6 +298,16 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
     return None
 
 
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model`` applied to its prepared input: a tensor, a tuple of positional arguments, or a
+    dict of keyword arguments."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs)
+    return model(*inputs)
+
+
 def training_loss(out: Any, seed: int = 0) -> tuple[torch.Tensor, str]:
     """The loss of the capture pass and of ``profile --model``'s training step, and its
     description: the cross-entropy of a 2-D output against seeded labels, else the mean of the
@@ -339,12 +349,7 @@ def capture(
     handles = [m.register_forward_hook(rec.hook(name, fam)) for name, m, fam in norms]
     model.train(train)
     try:
-        if isinstance(inputs, dict):
-            out = model(**inputs)
-        elif isinstance(inputs, torch.Tensor):
-            out = model(inputs)
-        else:
-            out = model(*inputs)
+        out = call_model(model, inputs)
         loss, how = training_loss(out, seed)
         loss.backward()
     finally:
