@@ -516,7 +516,7 @@ def fp32_control(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def default_config() -> HalfprecConfig:
     """The default experiment: 3 seeds, L2 / L1 / L-inf, fp16, pairwise and sum orders, scales
-    1 to 1e4, every compute model, and the natural case (about 10 minutes on a 2-core CPU)."""
+    1 to 1e4, every compute model, and the natural case (about 5 minutes on a 2-core CPU with 2 jobs)."""
     return HalfprecConfig()
 
 
