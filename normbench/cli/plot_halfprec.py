@@ -10,7 +10,14 @@ from typing import Any
 
 import click
 
-from normbench.cli.training import figure_formats, floats, run_with_progress, training_changes, training_options
+from normbench.cli.training import (
+    figure_formats,
+    floats,
+    refuse_torchrun,
+    run_with_progress,
+    training_changes,
+    training_options,
+)
 
 
 def _list(text: str | None) -> list[str] | None:
@@ -60,6 +67,7 @@ def halfprec(quick: bool, norms: str | None, dtypes: str | None, computes: str |
 
     from normbench.experiments.halfprec import count_runs, default_config, quick_config, run_halfprec, with_training
 
+    refuse_torchrun("plot halfprec", "run it as one process (--jobs trains several runs at a time)")
     fmt_list = figure_formats(options["formats"])
     config = quick_config() if quick else default_config()
     changes = {"norms": _list(norms), "dtypes": _list(dtypes), "computes": _list(computes),

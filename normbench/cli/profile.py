@@ -62,6 +62,10 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
     from normbench.bench.runner import prepare_allocator
     from normbench.results import RESUME_FIELDS, check_output_options, environment, open_results, schema_name
 
+    from normbench.cli.training import refuse_torchrun
+
+    refuse_torchrun("profile", "the cost of synchronizing batch-norm across ranks is measured by "
+                    "`torchrun --nproc-per-node N benchmarks/sync_cost.py` (docs/distributed.md)")
     check_output_options(output, resume, force)
     check_model_options(model, weights=weights, model_input=model_input, input_shape=input_shape,
                         max_elements=max_elements)

@@ -78,3 +78,12 @@ def test_bad_options_are_one_line_errors(tmp_path, args, message):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], result.output
     assert not (tmp_path / "halfprec.json").exists()
+
+
+@pytest.mark.parametrize("command", [["plot", "halfprec", "--quick"], ["profile", "--quick"]])
+def test_refused_under_torchrun(tmp_path, monkeypatch, command):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(main, [*command, "--quiet"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "does not run under torchrun" in lines[0]
