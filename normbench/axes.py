@@ -20,6 +20,12 @@ from normbench.errors import UserError
 FAMILIES = ("batchnorm", "layernorm", "rmsnorm", "groupnorm")
 DISPERSIONS = ("l2", "l1", "linf")
 GROUPS = 32  # group-norm's groups: gcd(GROUPS, channels)
+LABELS = {"l2": "L2", "l1": "L1", "linf": "L-inf"}  # how tables, verdicts and figures write a dispersion
+
+
+def norm_label(name: str) -> str:
+    """A norm's name as prose and figures write it: ``L2``, ``L1``, ``L-inf``; others as named."""
+    return LABELS.get(name, name)
 
 DTYPES: dict[str, torch.dtype] = {
     "fp64": torch.float64,

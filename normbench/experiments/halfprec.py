@@ -11,8 +11,8 @@ Runs use the equivalence experiments' data, model, training loop (:func:`~normbe
 WD on) and run cache; the natural case rides along: WD off at scale 1, where the weights' norms,
 and so the pre-normalization scale, grow on their own.
 
-Each run becomes a ``normbench.halfprec/1`` record (docs/halfprec.md); :func:`summarize` turns them
-into a table and a verdict per dtype and reduction order.
+Each run becomes a ``normbench.halfprec/1`` record (docs/halfprec.md); :func:`summary_table` and
+:func:`verdicts` turn them into a table and a verdict per dtype and reduction order.
 """
 
 from __future__ import annotations
@@ -26,12 +26,20 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from normbench.axes import NormSpec, parse_norm
+from normbench.axes import NormSpec, norm_label, parse_norm
 from normbench.errors import UserError
 from normbench.experiments.data import Dataset, load_dataset
 from normbench.experiments.lowp import COMPUTES, DTYPES, LowpSpec, Monitor, attach
 from normbench.experiments.models import build_model
-from normbench.experiments.runner import ExperimentConfig, Progress, cache_read, cache_write, config_hash, train_run
+from normbench.experiments.runner import (
+    ExperimentConfig,
+    Progress,
+    cache_read,
+    cache_write,
+    config_hash,
+    train_run,
+    with_overrides,
+)
 from normbench.numerics.emulator import REDUCTIONS
 from normbench.numerics.formats import FORMATS
 
@@ -72,9 +80,8 @@ class HalfprecConfig:
                 raise UserError(f"plot halfprec trains batch-norms: {s.name} is a {s.family}")
         return specs
 
-    def validate(self, data: Dataset | None = None) -> "HalfprecConfig":
-        """Check every field (and, given the data, that top-k fits the smallest channel); a
-        UserError names the first bad one. Returns self."""
+    def validate(self) -> "HalfprecConfig":
+        """Check every field; a UserError names the first bad one. Returns self."""
         self.training.validate()
         if not self.norms:
             raise UserError("no norm given")
@@ -93,13 +100,16 @@ class HalfprecConfig:
         for s in self.scales:
             if not (math.isfinite(s) and s > 0):
                 raise UserError(f"a scale must be a finite number > 0, got {s:g}")
-        if data is not None:
-            smallest = smallest_channel(self.training, data)
-            for s in self.norm_specs():
-                if s.k is not None and s.k > smallest:
-                    raise UserError(f"{s.name}: k={s.k} is larger than the smallest batch-norm channel of this "
-                                    f"model and batch ({smallest} values)")
         return self
+
+    def check_fits(self, data: Dataset) -> None:
+        """A UserError when a top-k norm's k is larger than the smallest batch-norm channel of the
+        model on this data."""
+        smallest = smallest_channel(self.training, data)
+        for s in self.norm_specs():
+            if s.k is not None and s.k > smallest:
+                raise UserError(f"{s.name}: k={s.k} is larger than the smallest batch-norm channel of this "
+                                f"model and batch ({smallest} values)")
 
 
 def smallest_channel(training: ExperimentConfig, data: Dataset) -> int:
@@ -130,14 +140,13 @@ class Run:
     seed: int
 
     def lowp(self) -> LowpSpec:
-        return LowpSpec(self.norm.p, self.norm.k, self.compute, self.dtype if self.compute != "fp32" else "fp16",
-                        self.reduction, self.scale)
+        return LowpSpec(self.norm.p, self.norm.k, self.compute, self.dtype, self.reduction, self.scale)
 
     def fields(self) -> dict[str, Any]:
         """The record's key fields."""
         return {"regime": self.regime, "norm": self.norm.name, "k": self.norm.k, "dtype": self.dtype,
-                "compute": self.compute, "compute_dtype": self.lowp().compute_dtype, "reduction": self.reduction, "storage": self.storage,
-                "scale": self.scale, "seed": self.seed}
+                "compute": self.compute, "compute_dtype": self.lowp().compute_dtype, "reduction": self.reduction,
+                "storage": self.storage, "scale": self.scale, "seed": self.seed}
 
     def label(self) -> str:
         where = self.compute if self.compute == "fp32" else f"{self.compute} {self.dtype}"
@@ -225,20 +234,21 @@ def _record(run: Run, trained: dict[str, Any], rc: dict[str, Any], cached: bool)
     }
 
 
-def _skip_reason(run: Run, device: str) -> str | None:
-    """Why a run cannot train on ``device`` (its arithmetic dtype is missing there), or None."""
-    if run.compute != "fp32":
-        dtype = FORMATS[run.lowp().compute_dtype].dtype
-        try:
-            torch.zeros(2, dtype=dtype, device=device) + 1
-        except (RuntimeError, TypeError) as exc:
-            return f"{run.lowp().compute_dtype} arithmetic is not supported on {device}: {exc}"
+@functools.lru_cache(maxsize=None)
+def _skip_reason(compute_dtype: str, device: str) -> str | None:
+    """Why runs computing in ``compute_dtype`` cannot train on ``device`` (torch lacks that
+    arithmetic there), or None."""
+    try:
+        torch.zeros(2, dtype=FORMATS[compute_dtype].dtype, device=device) + 1
+    except (RuntimeError, TypeError) as exc:
+        return f"{compute_dtype} arithmetic is not supported on {device}: {exc}"
     return None
 
 
-def _load(config: HalfprecConfig) -> Dataset:
+def load_data(config: HalfprecConfig) -> Dataset:
+    """The training data of ``config`` (loaded once per process)."""
     t = config.training
-    return load_dataset(t.dataset, t.data_dir, t.train_size, t.label_noise, t.data_seed)
+    return _dataset(t.dataset, t.data_dir, t.train_size, t.label_noise, t.data_seed)
 
 
 def _train(job: tuple[dict[str, Any], Run, str | None], progress: Progress | None = None) -> dict[str, Any]:
@@ -272,14 +282,13 @@ def run(
     that order. ``jobs`` > 1 trains that many runs at a time in worker processes, each with this
     process's torch thread count, so a run's numbers do not depend on which process trains it."""
     t = config.training
-    config.validate()
-    config.validate(_load(config))
+    config.check_fits(load_data(config.validate()))
     cache = str(cache_dir) if cache_dir is not None else None
     cells = []
     for cell in grid(config):
         rc = run_config(config, cell)
         key = config_hash(rc)
-        reason = _skip_reason(cell, rc["device"])
+        reason = _skip_reason(cell.lowp().compute_dtype, rc["device"])
         found = None if retrain or reason else cache_read(Path(cache) if cache else None, key)
         cells.append((cell, rc, key, reason, found))
     todo = [(rc, cell, cache) for cell, rc, key, reason, found in cells if reason is None and found is None]
@@ -318,8 +327,7 @@ def count_runs(config: HalfprecConfig) -> int:
 
 def with_training(config: HalfprecConfig, **changes: Any) -> HalfprecConfig:
     """A copy of ``config`` whose training settings have the non-None ``changes`` applied."""
-    training = replace(config.training, **{k: v for k, v in changes.items() if v is not None})
-    return replace(config, training=training)
+    return replace(config, training=with_overrides(config.training, **changes))
 
 
 # ---- summary and verdict ----------------------------------------------------------------------
@@ -452,7 +460,7 @@ def verdicts(records: Sequence[dict[str, Any]], test_size: int | None = None) ->
         for norm in status:
             if norm == "l2":
                 continue
-            name = _display(norm)
+            name = norm_label(norm)
             if l2 is not None:
                 here = next((v for s, v, _ in status[norm] if s == l2), "n/a")
                 cell = next((c for s, _, c in status[norm] if s == l2), None)
@@ -477,10 +485,6 @@ def verdicts(records: Sequence[dict[str, Any]], test_size: int | None = None) ->
             "text": f"native {dtype}, {reduction}: " + "; ".join(parts) + ".",
         })
     return out
-
-
-def _display(norm: str) -> str:
-    return {"l2": "L2", "l1": "L1", "linf": "L-inf"}.get(norm, norm)
 
 
 def _pct(value: float | None) -> str:
@@ -572,9 +576,8 @@ def run_halfprec(
         if fmt not in FORMATS:
             raise UserError(f"unknown figure format {fmt!r}: use {', '.join(FORMATS)}")
     t = config.training
-    config.validate()
-    data = _load(config)
-    config.validate(data)  # before anything is written: top-k must fit the model's channels
+    data = load_data(config.validate())
+    config.check_fits(data)  # before anything is written
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     writer = ResultsWriter(out / "halfprec.json", schema_name("halfprec"), environment(t.device, argv), KEY_FIELDS)

@@ -142,6 +142,8 @@ class LowPrecisionBatchNorm2d(nn.Module):
         return self._torch(z).to(x.dtype)
 
     def _watch_input(self, stored: torch.Tensor, rows: torch.Tensor) -> None:
+        """Check the stored input, hook its gradient, and note its largest deviation (``rows``:
+        the same values laid out one row per channel)."""
         self.monitor.check(self.layer_name, "input", stored)
         if stored.requires_grad:
             stored.register_hook(lambda g: self.monitor.check(self.layer_name, "gradient", g))
@@ -163,9 +165,10 @@ class LowPrecisionBatchNorm2d(nn.Module):
         y = _store(emu.add(emu.mul(xhat, w), b), self.storage)
         self.monitor.check(self.layer_name, "output", y.detach())
         with torch.no_grad():
-            update_running_stats(self.running_mean, self.running_var, mean.detach().reshape(-1).to(self.running_mean.dtype),
-                            stat.detach().reshape(-1).to(self.running_var.dtype), spec.p, spec.k,
-                            rows.shape[-1], self.momentum, self.eps)
+            update_running_stats(self.running_mean, self.running_var,
+                                 mean.detach().reshape(-1).to(self.running_mean.dtype),
+                                 stat.detach().reshape(-1).to(self.running_var.dtype),
+                                 spec.p, spec.k, rows.shape[-1], self.momentum, self.eps)
         return from_rows(y, tuple(z.shape), _ROWS)
 
     def _torch(self, z: torch.Tensor) -> torch.Tensor:

@@ -22,12 +22,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from normbench.axes import norm_label  # noqa: E402
 from normbench.numerics.formats import FORMATS as NUMBER_FORMATS  # noqa: E402
 from normbench.plots.common import save_figure  # noqa: E402
 
 FORMATS = ("png", "svg", "pdf")
 COLOR = {"l2": "tab:blue", "l1": "tab:red", "linf": "tab:green"}
-LABEL = {"l2": "L2", "l1": "L1", "linf": "L-inf"}
 CHANCE = 0.1  # a diverged run is drawn at chance level (10 classes)
 
 
@@ -40,10 +40,6 @@ def _square_limit(records: Sequence[dict], dtype: str) -> float:
 
 def _color(norm: str) -> str:
     return COLOR.get(norm, "tab:purple")
-
-
-def _label(norm: str) -> str:
-    return LABEL.get(norm, norm)
 
 
 def _select(records: Sequence[dict], **fields: Any) -> list[dict]:
@@ -108,11 +104,11 @@ def fig_accuracy(records: Sequence[dict], dtype: str, verdicts: Sequence[dict] =
         for i, norm in enumerate(norms):
             c, shift = _color(norm), 1.08 ** (i - (len(norms) - 1) / 2)
             _accuracy_line(ax, _select(records, compute="native", dtype=dtype, reduction=reduction, norm=norm,
-                                       regime="wd_on"), c, "-", f"{_label(norm)} native {dtype}", shift=shift)
+                                       regime="wd_on"), c, "-", f"{norm_label(norm)} native {dtype}", shift=shift)
             _accuracy_line(ax, _select(records, compute="framework", dtype=dtype, norm=norm, regime="wd_on"),
-                           c, ":", f"{_label(norm)} framework (fp32 stats)", marker="s", shift=shift)
+                           c, ":", f"{norm_label(norm)} framework (fp32 stats)", marker="s", shift=shift)
             _accuracy_line(ax, _select(records, compute="fp32", norm=norm, regime="wd_on"),
-                           c, "--", f"{_label(norm)} fp32", marker=".", shift=shift)
+                           c, "--", f"{norm_label(norm)} fp32", marker=".", shift=shift)
         if threshold is not None:
             ax.axvline(threshold, color="grey", linestyle="-.", linewidth=1)
             ax.text(threshold, 0.5, " L2 square\n overflows", color="grey", fontsize=8, va="center")
@@ -155,7 +151,7 @@ def fig_curves(records: Sequence[dict], dtype: str, reduction: str | None, scale
             if not runs:
                 continue
             diverged = sum(r["diverged"] for r in runs)
-            label = f"{_label(norm)} {name}" + (f" ({diverged} of {len(runs)} diverged)" if diverged else "")
+            label = f"{norm_label(norm)} {name}" + (f" ({diverged} of {len(runs)} diverged)" if diverged else "")
             for ax, key in ((loss_ax, "train_loss"), (acc_ax, "test_acc")):
                 length = max((len(r["epochs"]) for r in runs), default=0)
                 ys = []
@@ -194,7 +190,7 @@ def fig_nonfinite(records: Sequence[dict], dtype: str) -> Figure:
                     continue
                 key = (norm, event["quantity"])
                 ax.plot(r["scale"] * 1.15 ** i, event["step"] + 1, markers.get(event["quantity"], "o"),
-                        color=_color(norm), label=f"{_label(norm)}: {event['quantity']}" if key not in seen else None)
+                        color=_color(norm), label=f"{norm_label(norm)}: {event['quantity']}" if key not in seen else None)
                 seen.add(key)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -224,7 +220,7 @@ def fig_natural(records: Sequence[dict], dtype: str) -> Figure:
             ys = [statistics.fmean(max(v["max_deviation"] for v in r["epochs"][j]["norm_layers"].values())
                                    for r in runs) for j in range(length)]
             ax.plot(range(1, length + 1), ys, color=_color(norm), linestyle=style,
-                    label=f"{_label(norm)} fp32, {'WD on' if regime == 'wd_on' else 'WD off'}")
+                    label=f"{norm_label(norm)} fp32, {'WD on' if regime == 'wd_on' else 'WD off'}")
     ax.axhline(_square_limit(records, dtype), color="grey", linestyle="-.", linewidth=1,
                label=f"{dtype} square overflows")
     ax.set_yscale("log")

@@ -68,8 +68,8 @@ def test_top_k_larger_than_the_smallest_channel_is_refused():
     smallest = hp.smallest_channel(cfg.training, data)
     assert smallest == 32 * 4 * 4  # batch 32 at the 4x4 stage of the small model on 8x8 digits
     with pytest.raises(UserError, match="larger than the smallest batch-norm channel"):
-        cfg.validate(data)
-    _config(norms=[f"top{smallest}"]).validate(data)
+        cfg.check_fits(data)
+    _config(norms=[f"top{smallest}"]).check_fits(data)
 
 
 def _rec(norm, compute, scale, seed, acc, diverged=False, reduction=None, dtype=None, event=None, regime="wd_on"):
