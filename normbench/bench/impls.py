@@ -8,7 +8,8 @@ implementation (the later ``fused`` one) is one :func:`register` call:
     register(Impl("fused", "normbench's fast path", build=lambda norm, shape: ..., compiles=True))
 
 ``compiles=True`` tells the runner that the first call compiles: its time is then reported as
-``compile_time_s``.
+``compile_time_s``. ``synchronizes=True`` marks a layer whose statistics cross ranks (what
+``profile`` runs under torchrun); ``devices`` lists the device types a layer runs on, if not all.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class Impl:
     build: Callable[[NormSpec, Sequence[int]], torch.nn.Module]
     unsupported: Callable[[NormSpec], str | None] = _no_limits
     compiles: bool = False
+    synchronizes: bool = False
+    devices: tuple[str, ...] | None = None  # device types it runs on (None: every one)
 
 
 IMPLS: dict[str, Impl] = {}
@@ -54,9 +57,20 @@ def get(name: str) -> Impl:
 
 
 def torch_reference(norm: NormSpec) -> NormSpec:
-    """The norm whose name a ``torch`` record carries: torch's layers are the L2 member of each
-    family (torch's BatchNorm is ``l2``, its LayerNorm ``layernorm`` ...)."""
+    """The norm whose name a record of torch's layer carries (``torch``, ``torch-sync``): torch's
+    layers are the L2 member of each family (torch's BatchNorm is ``l2``, its LayerNorm
+    ``layernorm`` ...)."""
     return NormSpec(norm.family, 2.0, None)
+
+
+# The implementations that are torch's own layers (their cells carry the family's L2 norm).
+TORCH_IMPLS = ("torch", "torch-sync")
+
+
+def reference_impl(world: int) -> str:
+    """The implementation every speedup is measured against: torch's layer in one process,
+    torch's SyncBatchNorm across ranks (torchrun)."""
+    return "torch-sync" if world > 1 else "torch"
 
 
 def _paper_unsupported(norm: NormSpec) -> str | None:
@@ -101,4 +115,34 @@ register(Impl(
     "torch.compile'd stages or analytic where neither takes the input)",
     build=lambda norm, shape: norm.module(shape, impl="fused"),
     compiles=True,
+))
+
+
+def _batchnorm_only(norm: NormSpec) -> str | None:
+    if norm.family != "batchnorm":
+        return "only batch-norm synchronizes its statistics across ranks (the other families normalize per sample)"
+    return None
+
+
+def _build_sync(norm: NormSpec, shape: Sequence[int]) -> torch.nn.Module:
+    from normbench.nn import SyncLpBatchNorm
+
+    norm.check_shape(shape)
+    return SyncLpBatchNorm(shape[1], p=norm.p, k=norm.k)
+
+
+register(Impl(
+    "sync",
+    "normbench's SyncLpBatchNorm: the whole batch's statistics across ranks (torchrun; one process: local)",
+    build=_build_sync,
+    unsupported=_batchnorm_only,
+    synchronizes=True,
+))
+register(Impl(
+    "torch-sync",
+    "torch's SyncBatchNorm (L2; CUDA only)",
+    build=lambda norm, shape: torch.nn.SyncBatchNorm(shape[1]),
+    unsupported=_batchnorm_only,
+    synchronizes=True,
+    devices=("cuda",),
 ))

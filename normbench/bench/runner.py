@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from normbench.axes import resolve_device
+from normbench.axes import format_shape, resolve_device
 from normbench.bench.bytes import pass_bytes
 from normbench.bench.impls import get as get_impl
 from normbench.bench.memory import peak_memory, saved_tensor_bytes
@@ -49,12 +49,17 @@ from normbench.bench.timing import (
 )
 from normbench.results import record_key
 
+if TYPE_CHECKING:
+    from normbench.bench.collective import RankConsensus
+
 Record = dict[str, Any]
 RECORD_FIELDS = (
     "norm", "impl", "dtype", "shape", "group", "pass", "mode", "memory_format", "device",
     "status", "reason", "time_median_s", "time_iqr_s", "repeats", "bytes", "gbps", "peak_gbps",
     "sol_fraction", "peak_memory_bytes", "saved_bytes", "speedup_vs_torch", "compile_time_s",
     "threads", "cache", "input_copies", "times_s", "torch_times_s", "interleaved_with",
+    "world_size", "rank_shape", "collectives", "collective_ops", "contributed_bytes", "sent_bytes", "comm_s",
+    "compute_s", "rank_medians_s",
 )
 # Memory a cell may need, in tensors of the input's size computed in fp32 (eager top-k fwd+bwd
 # keeps about eight); a cell that would need more than the device has free is skipped, so a large
@@ -66,6 +71,8 @@ MEMORY_FACTOR = 10
 # COPY_FACTOR times the cache is read before every sample instead).
 COPY_FACTOR = 2
 MAX_COPIES = 256
+# Under torchrun: the calls (apart from the timed samples) in which the collectives are counted and timed.
+INSTRUMENTED_CALLS = 10
 
 
 class CellSkipped(Exception):
@@ -76,15 +83,20 @@ def empty_record(cell: Cell, status: str, reason: str | None) -> Record:
     """A record of ``cell`` with every measured field None."""
     record: Record = {f: None for f in RECORD_FIELDS}
     record.update(cell.axes())
-    record.update(status=status, reason=reason, threads=torch.get_num_threads())
+    record.update(status=status, reason=reason, threads=torch.get_num_threads(), world_size=cell.world,
+                  rank_shape=format_shape(cell.rank_shape) if cell.world > 1 else None)
     return record
 
 
-def check_cell(cell: Cell) -> None:
-    """Raise :class:`CellSkipped` when ``cell`` cannot run, before anything is allocated."""
-    why = get_impl(cell.impl).unsupported(cell.norm)
+def check_cell(cell: Cell, consensus: RankConsensus | None = None) -> None:
+    """Raise :class:`CellSkipped` when ``cell`` cannot run, before anything is allocated
+    (``consensus``: under torchrun, on every rank alike: the free memory is the smallest rank's)."""
+    impl = get_impl(cell.impl)
+    why = impl.unsupported(cell.norm)
     if why:
         raise CellSkipped(why)
+    if impl.devices is not None and torch.device(cell.device).type not in impl.devices:
+        raise CellSkipped(f"{cell.impl} runs on {', '.join(impl.devices)} only")
     n = cell.norm.reduced_numel(cell.shape)
     if cell.norm.k is not None and cell.norm.k > n:
         raise CellSkipped(f"top-{cell.norm.k} needs at least {cell.norm.k} values per statistic, this shape has {n}")
@@ -95,8 +107,10 @@ def check_cell(cell: Cell) -> None:
         raise CellSkipped("torch's GroupNorm needs more than one value per group over the batch")
     if cell.memory_format == "channels_last" and len(cell.shape) not in (4, 5):
         raise CellSkipped("channels_last applies to 4-D and 5-D inputs only")
-    need = MEMORY_FACTOR * math.prod(cell.shape) * 4
+    need = MEMORY_FACTOR * math.prod(cell.rank_shape) * 4
     free = free_memory(cell.device)
+    if consensus is not None:
+        free = consensus.smallest(free)
     if free is not None and need > free:
         raise CellSkipped(f"out of memory: would need about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free")
 
@@ -133,11 +147,22 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
     return "error", f"{type(exc).__name__}: {text}"
 
 
+def _seed(cell: Cell, base: int) -> int:
+    """The seed of one of the cell's random tensors: under torchrun each rank's share of the
+    batch holds values of its own (identical shares would tie every extreme across ranks)."""
+    if cell.world == 1:
+        return base
+    from normbench.distributed import rank
+
+    return base + 2 * rank()
+
+
 def make_input(cell: Cell) -> torch.Tensor:
-    """The cell's input: standard normal values (seeded), in the dtype and memory format."""
-    gen = torch.Generator(device=cell.device).manual_seed(0)
+    """The cell's input (this rank's share under torchrun): standard normal values (seeded), in
+    the dtype and memory format."""
+    gen = torch.Generator(device=cell.device).manual_seed(_seed(cell, 0))
     base_dtype = cell.dtype if cell.dtype == torch.float64 else torch.float32
-    x = torch.randn(cell.shape, generator=gen, dtype=base_dtype, device=cell.device).to(cell.dtype)
+    x = torch.randn(cell.rank_shape, generator=gen, dtype=base_dtype, device=cell.device).to(cell.dtype)
     if cell.memory_format == "channels_last":
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         x = x.contiguous(memory_format=fmt)
@@ -166,7 +191,7 @@ def _pass_calls(cell: Cell, module: torch.nn.Module, x: torch.Tensor, dy: torch.
 def _module_and_inputs(cell: Cell) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]:
     """The cell's layer (on the device, in the dtype and mode), its input and, for passes with a
     backward, a fixed upstream gradient (seeded standard normal values)."""
-    module = get_impl(cell.impl).build(cell.norm, cell.shape).to(device=cell.device, dtype=cell.dtype)
+    module = get_impl(cell.impl).build(cell.norm, cell.rank_shape).to(device=cell.device, dtype=cell.dtype)
     module.train(cell.mode == "train")
     x = make_input(cell)
     if cell.pass_ == "fwd" and cell.mode == "eval":
@@ -175,7 +200,7 @@ def _module_and_inputs(cell: Cell) -> tuple[torch.nn.Module, torch.Tensor, torch
     if cell.pass_ == "fwd":
         return module, x, None
     y = module(x)
-    dy = torch.randn(y.shape, generator=torch.Generator(device=cell.device).manual_seed(1),
+    dy = torch.randn(y.shape, generator=torch.Generator(device=cell.device).manual_seed(_seed(cell, 1)),
                      dtype=torch.float32, device=cell.device).to(y.dtype)
     return module, x, dy
 
@@ -251,6 +276,7 @@ class RunContext:
     cache: str = "cold"
     llc_bytes: int = 32 << 20  # the last-level cache(s) to keep inputs out of (CPU, cold)
     measure_memory: bool = True
+    consensus: RankConsensus | None = None  # under torchrun: what every rank must agree on
     _evictor: Evictor | None = field(default=None, repr=False)
 
     @property
@@ -281,8 +307,8 @@ def build_timed_pass(cell: Cell, ctx: RunContext) -> TimedPass:
     if not ctx.rotates:
         return TimedPass(Rotation([fn], prime=ctx.cache == "warm"), fn, forward, copy_bytes)
     free = free_memory(cell.device)
-    reserve = MEMORY_FACTOR * math.prod(cell.shape) * 4  # what the pass itself may need (check_cell)
-    graph = 5 * math.prod(cell.shape) * 4 if cell.pass_ == "bwd" else 0  # a bwd copy keeps its graph
+    reserve = MEMORY_FACTOR * math.prod(cell.rank_shape) * 4  # what the pass itself may need (check_cell)
+    graph = 5 * math.prod(cell.rank_shape) * 4 if cell.pass_ == "bwd" else 0  # a bwd copy keeps its graph
     held = x.nbytes + sum(p.nbytes for p in module.parameters())  # the output a copy holds (y, or dx and grads)
     copies, evict = rotation_copies(copy_bytes, ctx.llc_bytes, None if free is None else max(0, free - reserve),
                                     copy_bytes + held + graph)
@@ -300,7 +326,7 @@ def _time(passes: list[TimedPass], ctx: RunContext) -> list[Measurement | Except
     alive = list(range(len(passes)))
     while alive:
         try:
-            measured = measure_interleaved([passes[i].fn for i in alive], ctx.timing, ctx.timer)
+            measured = measure_interleaved([passes[i].fn for i in alive], ctx.timing, ctx.timer, ctx.consensus)
         except CallFailed as failed:
             out[alive.pop(failed.index)] = failed.error
             continue
@@ -323,15 +349,22 @@ def _finish(cell: Cell, tp: TimedPass, m: Measurement | Exception, ctx: RunConte
     times ``ref`` of the same rounds."""
     if isinstance(m, Exception):
         return empty_record(cell, *classify_error(m))
+    ranks: dict[str, Any] = {}
+    if ctx.consensus is not None:  # every rank alike, before anything that may fail on one rank only
+        from normbench.bench.collective import instrumented
+
+        calls = max(3, min(INSTRUMENTED_CALLS, ctx.timing.min_repeats))
+        ranks = instrumented(tp.single, calls, torch.device(cell.device).type == "cuda")
+        ranks["rank_medians_s"] = ctx.consensus.gather(m.median)
     try:
         saved = saved_tensor_bytes(tp.forward)
         peak, why = peak_memory(tp.single, cell.device) if ctx.measure_memory else (None, "not measured (--no-memory)")
     except Exception as exc:  # noqa: BLE001 - one failing cell must not end the run
         return empty_record(cell, *classify_error(exc))
-    nbytes = pass_bytes(cell.norm, cell.shape, cell.dtype, cell.pass_, cell.mode)
+    nbytes = pass_bytes(cell.norm, cell.rank_shape, cell.dtype, cell.pass_, cell.mode)
     median = m.median
     gbps = nbytes / median / 1e9 if median > 0 else None
-    is_torch = cell.impl == "torch"
+    is_torch = cell.is_reference
     record = empty_record(cell, "ok", None if peak is not None else f"peak_memory_bytes {why}")
     record.update(
         time_median_s=median,
@@ -350,6 +383,7 @@ def _finish(cell: Cell, tp: TimedPass, m: Measurement | Exception, ctx: RunConte
         times_s=list(m.times),
         torch_times_s=None if is_torch or ref is None else list(ref.times),
         interleaved_with=interleaved_with,
+        **ranks,
     )
     return record
 
@@ -379,7 +413,7 @@ def profile_cell(
     except Exception as exc:  # noqa: BLE001 - one failing cell must not end the run
         return empty_record(cell, *classify_error(exc))
     record = _finish(cell, tp, m, ctx)
-    if record["status"] == "ok" and cell.impl != "torch":
+    if record["status"] == "ok" and not cell.is_reference:
         record["speedup_vs_torch"] = torch_time / record["time_median_s"] if torch_time and record["time_median_s"] else None
     return record
 
@@ -456,14 +490,21 @@ class _Reference:
 
 
 def _build(cell: Cell, ctx: RunContext) -> TimedPass | tuple[str, str]:
-    """The cell's timed pass, or (status, reason) when it cannot be built."""
+    """The cell's timed pass, or (status, reason) when it cannot be built (under torchrun: when
+    it cannot be built on some rank, the first such rank's reason on every rank)."""
+    built: TimedPass | tuple[str, str]
     try:
-        check_cell(cell)
-        return build_timed_pass(cell, ctx)
+        check_cell(cell, ctx.consensus)
+        built = build_timed_pass(cell, ctx)
     except CellSkipped as exc:
-        return "skipped", str(exc)
+        built = "skipped", str(exc)
     except Exception as exc:  # noqa: BLE001 - one failing cell must not end the run
-        return classify_error(exc)
+        built = classify_error(exc)
+    if ctx.consensus is not None:
+        failure = ctx.consensus.first_failure(None if isinstance(built, TimedPass) else built)
+        if failure is not None:
+            return failure
+    return built
 
 
 def _run_cells(
@@ -478,12 +519,17 @@ def _run_cells(
 ) -> list[Record]:
     cells = spec.cells(device)
     timer = timer or default_timer(device, spec.cache)
+    consensus = None
+    if spec.world > 1:
+        from normbench.bench.collective import BarrierTimer, RankConsensus
+
+        consensus, timer = RankConsensus(device), BarrierTimer(timer)
     if peak_gbps is None:
         from normbench.bench.bandwidth import copy_bandwidth
 
         peak_gbps = copy_bandwidth(device)
     ctx = RunContext(device, spec.timing, timer, peak_gbps, spec.cache, llc_bytes or _llc_bytes(),
-                     spec.measure_memory)
+                     spec.measure_memory, consensus)
     refs: dict[tuple[str, ...], _Reference] = {}
     ready: dict[Cell, Record] = {}  # candidates already timed beside their torch cell
     records: list[Record] = []
@@ -535,7 +581,7 @@ def _block(cell: Cell) -> tuple:
 
 def _reference(cell: Cell, ctx: RunContext, refs: dict[tuple[str, ...], _Reference]) -> _Reference:
     """Torch's layer for ``cell`` (a torch cell or a candidate), built on first use."""
-    tcell = cell if cell.impl == "torch" else cell.torch_cell()
+    tcell = cell if cell.is_reference else cell.torch_cell()
     key = record_key(tcell.axes(), KEY_FIELDS)
     if key not in refs:
         built = _build(tcell, ctx)
@@ -543,18 +589,19 @@ def _reference(cell: Cell, ctx: RunContext, refs: dict[tuple[str, ...], _Referen
     return refs[key]
 
 
-def _partner(cells: list[Cell], i: int, skip: Callable[[Record], bool] | None) -> Cell | None:
+def _partner(cells: list[Cell], i: int, skip: Callable[[Record], bool] | None,
+             consensus: RankConsensus | None = None) -> Cell | None:
     """The first later candidate of torch cell ``cells[i]``'s block that will run."""
     key = record_key(cells[i].axes(), KEY_FIELDS)
     for cell in cells[i + 1:]:
         if _block(cell) != _block(cells[i]):
             break
-        if cell.impl == "torch" or record_key(cell.torch_cell().axes(), KEY_FIELDS) != key:
+        if cell.is_reference or record_key(cell.torch_cell().axes(), KEY_FIELDS) != key:
             continue
         if skip is not None and skip(cell.axes()):
             continue
         try:
-            check_cell(cell)
+            check_cell(cell, consensus)
         except CellSkipped:
             continue
         return cell
@@ -567,15 +614,15 @@ def _measure_cell(cells: list[Cell], i: int, ctx: RunContext, refs: dict[tuple[s
     candidate, whose record waits in ``ready``; a candidate beside torch's layer of its block."""
     cell = cells[i]
     try:
-        check_cell(cell)  # a cell that cannot run needs no torch reference either
+        check_cell(cell, ctx.consensus)  # a cell that cannot run needs no torch reference either
     except CellSkipped as exc:
         return empty_record(cell, "skipped", str(exc))
     ref = _reference(cell, ctx, refs)
-    if cell.impl == "torch":
+    if cell.is_reference:
         if ref.tp is None:
             return ref.record(cell)
         tp = ref.tp
-        partner = _partner(cells, i, skip)
+        partner = _partner(cells, i, skip, ctx.consensus)
         built = _build(partner, ctx) if partner is not None else None
         if partner is not None and isinstance(built, TimedPass):
             m_torch, m_partner = _time([tp, built], ctx)

@@ -28,7 +28,7 @@ from normbench.axes import (
 )
 from normbench.bench.allocator import MODES as MALLOC_MODES
 from normbench.bench.bytes import MODES, PASSES
-from normbench.bench.impls import IMPLS, torch_reference
+from normbench.bench.impls import IMPLS, TORCH_IMPLS, reference_impl, torch_reference
 from normbench.bench.timing import TimingSpec
 from normbench.errors import UserError
 
@@ -120,10 +120,23 @@ def model_groups(label: str, shapes: Sequence[tuple[str, tuple[int, ...]]]) -> t
                  for family, found in by_family.items())
 
 
+def local_impls() -> tuple[str, ...]:
+    """The implementations a one-process run times by default: every registered one that does
+    not synchronize across ranks."""
+    return tuple(name for name, impl in IMPLS.items() if not impl.synchronizes)
+
+
 def quick_impls() -> tuple[str, ...]:
-    """The registered implementations --quick runs: those that do not compile (seconds per
-    shape on the CPU) unless --impl names them."""
-    return tuple(name for name, impl in IMPLS.items() if not impl.compiles)
+    """The registered implementations --quick runs: those that neither compile (seconds per
+    shape on the CPU) nor synchronize, unless --impl names them."""
+    return tuple(name for name in local_impls() if not IMPLS[name].compiles)
+
+
+# Under torchrun: the synchronized layers, and normbench's layer on each rank's share alone (what
+# the same layer costs without communicating), on batch-norm shapes only.
+RANKS_IMPLS = ("torch-sync", "sync", "analytic")
+RANKS_GROUPS = tuple(g for g in DEFAULT_GROUPS if "batchnorm" in g.families)
+RANKS_QUICK_GROUPS = tuple(g for g in QUICK_GROUPS if "batchnorm" in g.families)
 DEFAULT_TIMING = TimingSpec()
 QUICK_TIMING = TimingSpec(warmup_calls=2, min_repeats=7, min_time_s=0.05, max_time_s=0.5)
 
@@ -142,6 +155,23 @@ class Cell:
     mode: str
     memory_format: str
     device: str
+    world: int = 1  # ranks sharing the batch (torchrun); ``shape`` is the global batch
+
+    @property
+    def rank_shape(self) -> tuple[int, ...]:
+        """The input this process holds: its share of the global batch along dim 0 (the whole
+        shape in one process)."""
+        if self.world == 1:
+            return self.shape
+        from normbench.distributed import shard_bounds
+
+        lo, hi = shard_bounds(self.shape[0], self.world)
+        return (hi - lo, *self.shape[1:])
+
+    @property
+    def is_reference(self) -> bool:
+        """Whether this is the cell of the layer the speedups are measured against."""
+        return self.impl == reference_impl(self.world)
 
     def axes(self) -> dict[str, object]:
         """The record fields that identify this cell (see :data:`KEY_FIELDS`)."""
@@ -159,7 +189,7 @@ class Cell:
 
     def torch_cell(self) -> "Cell":
         """The cell of torch's own layer that this cell's speedup is measured against."""
-        return replace(self, norm=torch_reference(self.norm), impl="torch")
+        return replace(self, norm=torch_reference(self.norm), impl=reference_impl(self.world))
 
 
 # The fields that identify a cell in a results file (resume skips cells with these values).
@@ -173,7 +203,7 @@ class ProfileSpec:
 
     groups: tuple[ShapeGroup, ...] = DEFAULT_GROUPS
     norms: tuple[str, ...] | None = None
-    impls: tuple[str, ...] = field(default_factory=lambda: tuple(IMPLS))  # every registered one
+    impls: tuple[str, ...] = field(default_factory=lambda: local_impls())  # every registered one but sync
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     passes: tuple[str, ...] = ("fwd", "fwd+bwd")
     modes: tuple[str, ...] = ("train",)
@@ -184,13 +214,16 @@ class ProfileSpec:
     threads: int | None = None  # CPU threads for torch during the run; None keeps torch's setting
     malloc: str = "steady"  # CPU runs: "steady" keeps freed memory mapped (normbench.bench.allocator)
     cache: str = "cold"  # "cold": inputs out of the cache in every repeat; "warm": hot cache (CACHE_MODES)
+    world: int = 1  # ranks the cells run on together (torchrun); shapes are then global batches
 
     def cells(self, device: str | None = None) -> list[Cell]:
-        """Every cell of the grid, in run order, without repeats. A ``torch`` cell carries the L2
-        norm of its family (torch's layer), so l1 and l2 share one torch cell; it comes first
-        among the cells of its shape, dtype, mode, format and pass, as their speedup reference."""
+        """Every cell of the grid, in run order, without repeats. A cell of torch's layer carries
+        the L2 norm of its family, so l1 and l2 share one torch cell; the reference one
+        (``torch``, across ranks ``torch-sync``) comes first among the cells of its shape, dtype,
+        mode, format and pass, as their speedup reference."""
         device = device or self.device
-        impls = sorted(self.impls, key=lambda name: name != "torch")  # torch first: the reference
+        ref = reference_impl(self.world)
+        impls = sorted(self.impls, key=lambda name: name != ref)  # the reference first
         out: dict[Cell, None] = {}
         dtypes = parse_dtypes(self.dtypes)
         for group in self.groups:
@@ -202,8 +235,9 @@ class ProfileSpec:
                             for pass_ in self.passes:
                                 for impl in impls:
                                     for norm in norms:
-                                        n = torch_reference(norm) if impl == "torch" else norm
-                                        out[Cell(n, impl, dtype, shape, group.name, pass_, mode, fmt, device)] = None
+                                        n = torch_reference(norm) if impl in TORCH_IMPLS else norm
+                                        out[Cell(n, impl, dtype, shape, group.name, pass_, mode, fmt, device,
+                                                 self.world)] = None
         return list(out)
 
     def group_norms(self, group: ShapeGroup) -> list[NormSpec]:
@@ -243,14 +277,19 @@ def make_spec(
     malloc: str = "steady",
     cache: str = "cold",
     groups: Sequence[ShapeGroup] | None = None,
+    world: int = 1,
 ) -> ProfileSpec:
     """A validated :class:`ProfileSpec` from option values (comma-separated strings or lists);
     None keeps the default grid's (or with ``quick`` the reduced grid's) value. ``groups``
-    (a model's layer shapes, :func:`model_groups`) replace the grid's shapes."""
+    (a model's layer shapes, :func:`model_groups`) replace the grid's shapes. ``world`` > 1 (under
+    torchrun) defaults to the synchronized layers on the batch-norm shapes (:data:`RANKS_IMPLS`),
+    each shape being the global batch."""
     if groups is not None and (shape is not None or preset is not None):
         raise UserError("--model profiles the model's own shapes: leave out --shape and --preset")
     base = ProfileSpec(groups=QUICK_GROUPS, timing=QUICK_TIMING, passes=QUICK_PASSES, impls=quick_impls()) \
         if quick else ProfileSpec()
+    if world > 1:
+        base = replace(base, groups=RANKS_QUICK_GROUPS if quick else RANKS_GROUPS, impls=RANKS_IMPLS, world=world)
     groups = base.groups if groups is None else tuple(groups)
     if shape is not None and preset is not None:
         raise UserError("give --shape or --preset, not both")
@@ -282,6 +321,7 @@ def make_spec(
         threads=threads,
         malloc=malloc,
         cache=cache,
+        world=world,
     )
     if cache not in CACHE_MODES:
         raise UserError(f"unknown cache mode {cache!r}: use {', '.join(CACHE_MODES)}")

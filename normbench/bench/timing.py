@@ -220,6 +220,20 @@ def _detached(out: object) -> object:
     return detach() if callable(detach) else None
 
 
+class Consensus(Protocol):
+    """What the ranks of a process group timing collective calls together must agree on, so
+    that every rank makes the same calls (a rank that stopped early would leave the others
+    waiting in a collective): the calls per sample and when sampling stops."""
+
+    def numbers(self, numbers: list[int]) -> list[int]:
+        """The calls per sample of each callable, the same on every rank."""
+        ...
+
+    def stop(self, stop: bool) -> bool:
+        """Whether sampling stops after this round, the same on every rank."""
+        ...
+
+
 class CallFailed(Exception):
     """The callable at ``index`` of :func:`measure_interleaved` raised ``error``."""
 
@@ -229,20 +243,22 @@ class CallFailed(Exception):
         self.error = error
 
 
-def measure(fn: Callable[[], object], spec: TimingSpec = TimingSpec(), timer: Timer | None = None) -> Measurement:
+def measure(fn: Callable[[], object], spec: TimingSpec = TimingSpec(), timer: Timer | None = None,
+            consensus: Consensus | None = None) -> Measurement:
     """Warm ``fn`` up, then time it as ``spec`` says; returns every sample.
 
     The number of calls per sample is chosen once, from the last warm-up call, so that a sample
     lasts at least ``spec.min_block_s`` (on a timer that batches calls).
     """
     try:
-        return measure_interleaved([fn], spec, timer)[0]
+        return measure_interleaved([fn], spec, timer, consensus)[0]
     except CallFailed as failed:
         raise failed.error from None
 
 
 def measure_interleaved(
-    fns: Sequence[Callable[[], object]], spec: TimingSpec = TimingSpec(), timer: Timer | None = None
+    fns: Sequence[Callable[[], object]], spec: TimingSpec = TimingSpec(), timer: Timer | None = None,
+    consensus: Consensus | None = None,
 ) -> tuple[Measurement, ...]:
     """Time every callable of ``fns`` in the same rounds; one :class:`Measurement` each.
 
@@ -254,6 +270,9 @@ def measure_interleaved(
     callable's samples together against k times its time limits (for one callable: exactly the
     rule of a single measurement; for several, the same time budget per callable on average).
     An exception in one callable is raised as :class:`CallFailed` with its index.
+
+    ``consensus`` (ranks timing calls that communicate, under torchrun): the calls per sample and
+    the stopping decision are agreed across ranks, so every rank makes the same calls.
     """
     timer = CpuTimer() if timer is None else timer
     fns = list(fns)
@@ -275,6 +294,8 @@ def measure_interleaved(
         if isinstance(fn, Rotation) and fn.evict is not None:
             number = min(number, fn.copies)  # every call of a sample reads a copy evicted before it
         numbers.append(number)
+    if consensus is not None:
+        numbers = consensus.numbers(numbers)
     times: list[list[float]] = [[] for _ in fns]
     total = 0.0
     rounds = 0
@@ -291,10 +312,10 @@ def measure_interleaved(
             times[i].append(dt / numbers[i])
             total += dt
         rounds += 1
-        if rounds >= spec.max_repeats:
-            break
-        if rounds >= spec.min_repeats and total >= spec.min_time_s * k:
-            break
-        if rounds >= spec.floor_repeats and total >= spec.max_time_s * k:
+        stop = (rounds >= spec.max_repeats or (rounds >= spec.min_repeats and total >= spec.min_time_s * k)
+                or (rounds >= spec.floor_repeats and total >= spec.max_time_s * k))
+        if consensus is not None:
+            stop = consensus.stop(stop)
+        if stop:
             break
     return tuple(Measurement(tuple(t), n, f) for t, n, f in zip(times, numbers, firsts))

@@ -51,7 +51,7 @@ def equivalence(quick: bool, regimes: str | None, protocol: str | None, **option
         **training_changes(options),
     )
     torch.set_num_threads(options["threads"])
-    from normbench.experiments import distributed
+    from normbench import distributed
 
     if distributed.init_from_env(config.device) > 1 and not distributed.is_main():
         # under torchrun the other ranks train alongside rank 0, which records and draws

@@ -13,7 +13,6 @@ import click
 from normbench.cli.training import (
     figure_formats,
     floats,
-    refuse_torchrun,
     run_with_progress,
     training_changes,
     training_options,
@@ -67,7 +66,8 @@ def halfprec(quick: bool, norms: str | None, dtypes: str | None, computes: str |
 
     from normbench.experiments.halfprec import count_runs, default_config, quick_config, run_halfprec, with_training
 
-    refuse_torchrun("plot halfprec", "run it as one process (--jobs trains several runs at a time)")
+    from normbench import distributed
+
     fmt_list = figure_formats(options["formats"])
     config = quick_config() if quick else default_config()
     changes = {"norms": _list(norms), "dtypes": _list(dtypes), "computes": _list(computes),
@@ -77,12 +77,21 @@ def halfprec(quick: bool, norms: str | None, dtypes: str | None, computes: str |
     config = with_training(config, **training_changes(options))
     config.validate()
     torch.set_num_threads(options["threads"])
-    if jobs is None:
-        jobs = max(1, len(os.sched_getaffinity(0)) // options["threads"]) if hasattr(os, "sched_getaffinity") else 1
+    if jobs is None:  # under torchrun every rank is one of the processes already
+        jobs = 1 if distributed.launched() > 1 else max(1, len(os.sched_getaffinity(0)) // options["threads"]) \
+            if hasattr(os, "sched_getaffinity") else 1
+    if distributed.init_from_env(config.training.device) > 1 and not distributed.is_main():
+        # under torchrun the runs are spread over the ranks; rank 0 records and draws
+        from normbench.experiments.halfprec import run
+
+        run(config, cache_dir=None, retrain=options["retrain"], jobs=jobs)
+        distributed.finish()
+        return 0
     outcome = run_with_progress(
         count_runs(config), options["quiet"],
         lambda bars: run_halfprec(config, options["output_dir"], fmt_list, bars, options["retrain"], jobs=jobs),
     )
+    distributed.finish()
     _render(outcome)
     from normbench.cli.outcome import finish
 

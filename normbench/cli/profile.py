@@ -56,16 +56,24 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
     With --model, the grid is the model's own norm-layer shapes (one group per family, the
     memory format its layers saw), and the model's whole training step is timed as it is and
     converted (normbench.nn.convert) to each batch-norm dispersion of --norm (default l2,l1,linf).
+
+    Under torchrun with more than one process each shape is a global batch shared by the ranks
+    and the default grid is the synchronized batch-norms (sync: SyncLpBatchNorm; torch-sync:
+    torch's SyncBatchNorm, CUDA only) beside analytic on each rank's share alone; rank 0 writes
+    and prints, with the collectives, the bytes each rank sends and the time in communication.
     """
     from normbench.axes import resolve_device
     from normbench.bench import KEY_FIELDS, make_spec, run
     from normbench.bench.runner import prepare_allocator
     from normbench.results import RESUME_FIELDS, check_output_options, environment, open_results, schema_name
 
-    from normbench.cli.training import refuse_torchrun
+    from normbench import distributed
+    from normbench.errors import UserError
 
-    refuse_torchrun("profile", "the cost of synchronizing batch-norm across ranks is measured by "
-                    "`torchrun --nproc-per-node N benchmarks/sync_cost.py` (docs/distributed.md)")
+    world = distributed.launched()
+    if world > 1 and model is not None:
+        raise UserError("--model does not run under torchrun: profile the model in one process "
+                        "(its batch-norms' synchronization is measured on their shapes with --shape)")
     check_output_options(output, resume, force)
     check_model_options(model, weights=weights, model_input=model_input, input_shape=input_shape,
                         max_elements=max_elements)
@@ -73,7 +81,6 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
     if model is not None:
         from normbench.axes import parse_shape
         from normbench.bench.spec import model_groups
-        from normbench.errors import UserError
         from normbench.models.prepare import capture_model, prepare_model
 
         if max_elements is not None:
@@ -88,11 +95,14 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
             memory_format = ",".join(formats)
     spec = make_spec(norm=norm, impl=impl, dtype=dtype, shape=shape, preset=preset, pass_=pass_, mode=mode,
                      memory_format=memory_format, device=device, quick=quick, measure_memory=not no_memory,
-                     threads=threads, malloc=malloc, cache="warm" if warm_cache else "cold", groups=groups)
+                     threads=threads, malloc=malloc, cache="warm" if warm_cache else "cold", groups=groups,
+                     world=world)
     dev = resolve_device(spec.device)
     load = _load_average()
-    writer = None
-    if output:
+
+    def open_writer() -> Any:
+        if not output:
+            return None
         import torch
 
         env = environment(dev)
@@ -100,12 +110,26 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
         env["load_average_1m"] = load
         env["malloc"] = prepare_allocator(spec, dev)
         env["cache"] = spec.cache
+        env["world_size"] = world
+        if world > 1:
+            env["backend"] = distributed.backend()
         if dev == "cpu":
             from normbench.kernels.machine import last_level_cache_total
 
             env["last_level_cache_bytes"] = last_level_cache_total()
-        writer = open_results(output, schema_name("profile"), env, KEY_FIELDS, resume=resume, force=force,
-                              match=(*RESUME_FIELDS, "cache"))
+        return open_results(output, schema_name("profile"), env, KEY_FIELDS, resume=resume, force=force,
+                            match=(*RESUME_FIELDS, "cache", "world_size"))
+
+    if world == 1:
+        writer = open_writer()
+        skip = writer.has if writer else None
+    else:
+        distributed.init_from_env(dev)
+        writer, skip = _main_writer(spec, dev, open_writer)
+        if not distributed.is_main():  # times alongside rank 0, which writes and prints
+            run(spec, skip=skip)
+            distributed.finish()
+            return 0
 
     cores = os.cpu_count() or 1
     if dev == "cpu" and load is not None and load > 0.5 * cores:
@@ -124,8 +148,7 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
         def progress(done: int, total: int, label: str) -> None:
             bar.update(task, completed=done, total=total, description=label)
 
-        records = run(spec, on_record=writer.write if writer else None, skip=writer.has if writer else None,
-                      on_progress=progress)
+        records = run(spec, on_record=writer.write if writer else None, skip=skip, on_progress=progress)
         if prepared is not None:
             from normbench.axes import parse_norms
             from normbench.axes import split_list
@@ -145,14 +168,43 @@ def profile(norm: str | None, impl: str | None, dtype: str | None, shape: str | 
     if not out.is_terminal:  # a file or a pipe: no terminal width to respect
         out = Console(width=120)
     render([r for r in shown if r.get("kind") != "model_step"], out)
+    render_ranks([r for r in shown if (r.get("world_size") or 1) > 1], out)
     render_model_steps([r for r in shown if r.get("kind") == "model_step"], out)
     for note in left_out:
         out.print(f"[yellow]not profiled:[/] {note}")
     if writer:
         click.echo(f"{len(records)} cells measured, {len(writer.records)} in {writer.path}", err=True)
+    distributed.finish()
     from normbench.cli.outcome import finish
 
     return finish(shown)
+
+
+def _main_writer(spec: Any, device: str, open_writer: Any) -> tuple[Any, Any]:
+    """Under torchrun: (rank 0's results writer, None elsewhere; which cells to skip, the same on
+    every rank). Rank 0 opens ``--output`` (only it has the file) and sends every rank the cells
+    already in it (``--resume``), or the error that refused it, which every rank then raises: the
+    ranks must run the same cells, and none may be left waiting for a rank that stopped."""
+    from normbench.bench import KEY_FIELDS
+    from normbench.distributed import finish, from_main
+    from normbench.errors import UserError
+    from normbench.results import record_key
+
+    opened: list[Any] = [None]
+
+    def on_main() -> tuple[str | None, set]:
+        try:
+            opened[0] = open_writer()
+        except UserError as exc:
+            return str(exc), set()
+        w = opened[0]
+        return None, {record_key(c.axes(), KEY_FIELDS) for c in spec.cells(device) if w is not None and w.has(c.axes())}
+
+    error, done = from_main(on_main)
+    if error is not None:
+        finish()
+        raise UserError(error)
+    return opened[0], (lambda axes: record_key(axes, KEY_FIELDS) in done)
 
 
 def _load_average() -> float | None:
@@ -198,6 +250,8 @@ def render(records: Iterable[dict[str, Any]], console: Any) -> None:
     listed under the table with their reasons."""
     from rich import box
     from rich.table import Table
+
+    from normbench.bench.impls import reference_impl
 
     records = list(records)
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -246,7 +300,8 @@ def render(records: Iterable[dict[str, Any]], console: Any) -> None:
                     name_cell, time_cell,
                     "-" if r.get("gbps") is None else f"{r['gbps']:.1f}",
                     _bar(r.get("sol_fraction")),
-                    "[dim]ref[/]" if r["impl"] == "torch" else _fmt_speedup(r.get("speedup_vs_torch")),
+                    "[dim]ref[/]" if r["impl"] == reference_impl(r.get("world_size") or 1)
+                    else _fmt_speedup(r.get("speedup_vs_torch")),
                     _fmt_mb(r.get("saved_bytes")), _fmt_mb(r.get("peak_memory_bytes")),
                 ]
                 if compiled:
@@ -260,6 +315,33 @@ def render(records: Iterable[dict[str, Any]], console: Any) -> None:
         for (status, reason), cells in reasons.items():
             color = "yellow" if status == "skipped" else "red"
             console.print(f"  [{color}]{status}[/] {', '.join(sorted(cells))}: {reason}")
+
+
+def render_ranks(records: list[dict[str, Any]], console: Any) -> None:
+    """Under torchrun: per cell, where rank 0's time went (inside the collectives, the wait for
+    the other ranks included, and the rest), the collectives per call, the bytes each rank sends,
+    and the slowest rank's median."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    if not ok:
+        return
+    from rich import box
+    from rich.table import Table
+
+    world = ok[0]["world_size"]
+    table = Table(title=f"[bold]across {world} ranks[/]", box=box.SIMPLE_HEAD, pad_edge=False, caption_justify="left",
+                  caption="shape: the global batch, shared by the ranks. comm: median time per call inside the "
+                  "collectives (in calls apart from the timed ones); sent: bytes each rank sends per call with "
+                  "ring algorithms; slowest: the largest median over the ranks")
+    for col in ("shape dtype pass", "norm impl", "time", "comm", "compute", "collectives", "sent B", "slowest"):
+        table.add_column(col, justify="left" if col in ("shape dtype pass", "norm impl") else "right", no_wrap=True)
+    for r in ok:
+        table.add_row(f"{r['shape']} {r['dtype']} {r['pass']}" + ("" if r["mode"] == "train" else f" {r['mode']}"),
+                      f"{r['norm']} {r['impl']}", _fmt_time_iqr(r["time_median_s"], None),
+                      "-" if r.get("comm_s") is None else _fmt_time_iqr(r["comm_s"], None),
+                      "-" if r.get("compute_s") is None else _fmt_time_iqr(r["compute_s"], None),
+                      str(r.get("collectives", "-")), "-" if r.get("sent_bytes") is None else f"{r['sent_bytes']:.0f}",
+                      "-" if not r.get("rank_medians_s") else _fmt_time_iqr(max(r["rank_medians_s"]), None))
+    console.print(table)
 
 
 def render_model_steps(records: list[dict[str, Any]], console: Any) -> None:

@@ -96,17 +96,6 @@ def training_changes(options: dict[str, Any]) -> dict[str, Any]:
     return changes
 
 
-def refuse_torchrun(command: str, instead: str) -> None:
-    """A one-line error when ``command`` was started by torchrun with more than one process and
-    does not run data-parallel (every rank would repeat the whole work and write the same files)."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from normbench.errors import UserError
-
-        raise UserError(f"{command} does not run under torchrun: {instead}")
-
-
 def run_with_progress(total_runs: int, quiet: bool, work: Callable[[Any], Any]) -> Any:
     """``work(progress)`` with rich bars on stderr when it is a terminal (and not ``quiet``), else
     ``work(None)``."""

@@ -28,9 +28,9 @@ SCHEMA = schema_name("compare")
 DEFAULT_THRESHOLD = 0.05
 # The environment fields whose difference between two files is said before the comparison.
 ENVIRONMENT_FIELDS = ("device", "device_name", "cpu_model", "threads", "torch_version", "cuda_version",
-                      "normbench_version", "malloc", "cache")
+                      "normbench_version", "malloc", "cache", "world_size", "backend")
 # Record fields that stand in for the environment in a file that has none (CSV).
-RECORD_ENVIRONMENT_FIELDS = ("device", "threads", "cache")
+RECORD_ENVIRONMENT_FIELDS = ("device", "threads", "cache", "world_size")
 
 
 @dataclass

@@ -1,97 +1,28 @@
 """The training experiments under ``torchrun``: data-parallel training that computes what one
 process computes on the same global batch (docs/distributed.md).
 
-Started by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), :func:`init_from_env` joins the
-process group (gloo on the CPU, NCCL on CUDA, each rank on the GPU of its ``LOCAL_RANK``). Every
-rank then runs the same grid of runs; in each training step each rank takes its contiguous share
-of the global batch (:func:`shard_bounds`), through the model wrapped by :func:`wrap`:
+Started by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), the command joins the process
+group (:func:`normbench.distributed.init_from_env`). Every rank then runs the same grid of runs; in
+each training step each rank takes its contiguous share of the global batch
+(:func:`~normbench.distributed.shard_bounds`), through the model wrapped by :func:`wrap`:
 batch-norms become :class:`~normbench.nn.SyncLpBatchNorm` (and the weight-norm models' mean-only
 batch-norms :class:`SyncMeanOnlyBatchNorm2d`), so the statistics are the global batch's; the
 model is wrapped in DistributedDataParallel; and the logits of every rank are gathered
 (:class:`_GatherRows`), so the loss, its finiteness check and the accuracy are the global batch's,
 identical on every rank. Every rank ends each step with the same parameters; rank 0 alone reads
-and writes the cache (:func:`from_main`), the results and the figures.
+and writes the cache (:func:`~normbench.distributed.from_main`), the results and the figures.
 """
 
 from __future__ import annotations
-
-import os
-from datetime import timedelta
-from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from normbench.distributed import shard_bounds, world
 from normbench.errors import UserError
 from normbench.experiments.models import MeanOnlyBatchNorm2d
 from normbench.nn import SyncLpBatchNorm
-
-T = TypeVar("T")
-
-# How long a rank waits in a collective for the others (a crashed rank ends the run after this).
-TIMEOUT_ENV = "NORMBENCH_DIST_TIMEOUT_S"
-DEFAULT_TIMEOUT_S = 600
-
-
-def world() -> int:
-    """The number of ranks training together (1 outside torchrun)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    """This process's rank (0 outside torchrun)."""
-    return dist.get_rank() if world() > 1 else 0
-
-
-def is_main() -> bool:
-    """Whether this process records, writes and draws (rank 0)."""
-    return rank() == 0
-
-
-def init_from_env(device: str) -> int:
-    """Join the process group torchrun describes in the environment, once; returns the world
-    size (1, and nothing initialized, when not started by torchrun with more than one process).
-    ``device`` is the resolved training device: ``cuda`` trains on NCCL, each rank on the GPU of
-    its ``LOCAL_RANK``; ``cpu`` on gloo."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 1
-    if not dist.is_initialized():
-        cuda = torch.device(device).type == "cuda"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-    return world()
-
-
-def finish() -> None:
-    """Wait for every rank, then leave the process group (each rank calls it once its work is
-    done): a process that exits with the group still open can abort in its teardown."""
-    if world() > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def shard_bounds(batch: int, ranks: int | None = None, index: int | None = None) -> tuple[int, int]:
-    """Rows ``[lo, hi)`` of a global batch of ``batch`` rows that rank ``index`` of ``ranks`` takes:
-    contiguous and as equal as can be (the first ``batch % ranks`` ranks take one more; a rank
-    may take none)."""
-    ranks = world() if ranks is None else ranks
-    index = rank() if index is None else index
-    base, extra = divmod(batch, ranks)
-    lo = index * base + min(index, extra)
-    return lo, lo + base + (index < extra)
-
-
-def from_main(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` computed on rank 0 and sent to every rank (a cache read whose answer all
-    ranks must share, even without a shared file system)."""
-    if world() == 1:
-        return fn(*args)
-    box = [fn(*args) if is_main() else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class _GlobalMean(torch.autograd.Function):

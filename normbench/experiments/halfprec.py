@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from normbench import distributed
 from normbench.axes import NormSpec, norm_label, parse_norm
 from normbench.errors import UserError
 from normbench.experiments.data import Dataset, load_dataset
@@ -269,6 +270,42 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _train_each(todo: list[tuple[dict[str, Any], Run, str | None]], jobs: int,
+                progress: Progress | None) -> Iterator[dict[str, Any]]:
+    """The trained record of each job of ``todo``, in order: in this process, or with ``jobs`` > 1
+    in that many worker processes, each with this process's torch thread count, so a run's
+    numbers do not depend on which process trains it."""
+    if jobs <= 1 or len(todo) <= 1:
+        yield from (_train(job, progress) for job in todo)
+        return
+    import multiprocessing
+
+    pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(todo)), _init_worker, (torch.get_num_threads(),))
+    try:
+        yield from pool.imap(_train, todo)
+    finally:
+        pool.terminate()
+
+
+def _train_on_ranks(todo: list[tuple[dict[str, Any], Run, str | None]], jobs: int,
+                    progress: Progress | None) -> list[dict[str, Any]] | None:
+    """Under torchrun: the runs of ``todo`` spread over the ranks (rank r trains runs r, r + W,
+    ...; each whole, alone, exactly as one process would), their records gathered in ``todo``
+    order on rank 0, which caches those the other ranks trained; None on the other ranks."""
+    ranks, me = distributed.world(), distributed.rank()
+    mine = todo[me::ranks]
+    with distributed.alone():
+        trained = list(_train_each(mine, jobs, progress if me == 0 else None))
+    every = distributed.gather_to_main(trained)
+    if every is None:
+        return None
+    ordered = [every[i % ranks][i // ranks] for i in range(len(todo))]
+    for i, (rc, _, cache) in enumerate(todo):
+        if i % ranks:
+            cache_write(Path(cache) if cache else None, config_hash(rc), ordered[i])
+    return ordered
+
+
 def run(
     config: HalfprecConfig,
     cache_dir: str | Path | None = None,
@@ -280,34 +317,45 @@ def run(
     """Train (or read from the cache) every run of the grid; returns their records in
     :func:`grid` order, each with ``cached``. ``on_record(record)`` is called as each is ready, in
     that order. ``jobs`` > 1 trains that many runs at a time in worker processes, each with this
-    process's torch thread count, so a run's numbers do not depend on which process trains it."""
+    process's torch thread count, so a run's numbers do not depend on which process trains it.
+
+    Under torchrun the runs are spread over the ranks, each trained whole by one rank (a grid of
+    small runs gains nothing from splitting one run's batch, and sharding would change the sums
+    in low precision that the experiment measures): rank 0 reads and writes the cache and returns
+    every record; the other ranks return an empty list."""
     t = config.training
     config.check_fits(load_data(config.validate()))
-    cache = str(cache_dir) if cache_dir is not None else None
+    main = distributed.is_main()
+    cache = str(cache_dir) if cache_dir is not None and main else None
     cells = []
-    for cell in grid(config):
-        rc = run_config(config, cell)
-        key = config_hash(rc)
-        reason = _skip_reason(cell.lowp().compute_dtype, rc["device"])
-        found = None if retrain or reason else cache_read(Path(cache) if cache else None, key)
-        cells.append((cell, rc, key, reason, found))
+    with distributed.alone():  # a run's configuration and cache key are one process's
+        for cell in grid(config):
+            rc = run_config(config, cell)
+            key = config_hash(rc)
+            reason = _skip_reason(cell.lowp().compute_dtype, rc["device"])
+            found = None if retrain or reason or not main else cache_read(Path(cache) if cache else None, key)
+            cells.append((cell, rc, key, reason, found))
     todo = [(rc, cell, cache) for cell, rc, key, reason, found in cells if reason is None and found is None]
-    pool = None
-    if jobs > 1 and len(todo) > 1:
-        import multiprocessing
-
-        pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(todo)), _init_worker, (torch.get_num_threads(),))
-        trained_runs = pool.imap(_train, todo)
+    ranks = distributed.world()
+    if ranks > 1:
+        wanted = set(distributed.from_main(lambda: [config_hash(rc) for rc, _, _ in todo]))
+        todo = [job for job in todo if config_hash(job[0]) in wanted]
+        ordered = _train_on_ranks(todo, jobs, progress)
+        if ordered is None:
+            return []
+        trained_runs: Iterator[dict[str, Any]] = iter(ordered)
+        shown = {config_hash(rc) for rc, _, _ in todo[::ranks]}  # rank 0's own: train_run showed them
     else:
-        trained_runs = (_train(job, progress) for job in todo)
+        trained_runs = _train_each(todo, jobs, progress)
+        shown = set() if jobs > 1 and len(todo) > 1 else {config_hash(rc) for rc, _, _ in todo}
     records = []
     try:
         for cell, rc, key, reason, found in cells:
             if reason is not None:
                 record = _record(cell, {"status": "skipped", "reason": reason, "config_hash": key}, rc, False)
             else:
-                if progress is not None and (found is not None or pool is not None):
-                    progress.run_started(cell.label(), t.epochs if pool is None else 0)  # else train_run says it
+                if progress is not None and key not in shown:  # else train_run says it
+                    progress.run_started(cell.label(), t.epochs if found is not None else 0)
                 trained = found if found is not None else next(trained_runs)
                 if progress is not None:
                     progress.run_finished(found is not None)
@@ -316,8 +364,9 @@ def run(
             if on_record is not None:
                 on_record(record)
     finally:
-        if pool is not None:
-            pool.terminate()
+        close = getattr(trained_runs, "close", None)
+        if close is not None:
+            close()  # stops the worker pool of _train_each
     return records
 
 

@@ -30,7 +30,8 @@ from torch import nn
 
 from normbench.errors import UserError
 from normbench.kernels.background import compile_mode
-from normbench.experiments import distributed
+from normbench import distributed
+from normbench.experiments.distributed import wrap as wrap_for_ranks
 from normbench.experiments.data import DATASETS, Dataset, load_dataset
 from normbench.experiments.models import ARCHS, build_model, conv_layers, is_last_layer_param
 from normbench.experiments.recorder import Recorder, channel_norms, direction_param
@@ -242,7 +243,7 @@ def _train_run(
     if probe is not None:
         probe.attach(model)
     model.to(device).train()
-    net = distributed.wrap(model)  # the model itself in one process (torchrun: docs/distributed.md)
+    net = wrap_for_ranks(model)  # the model itself in one process (torchrun: docs/distributed.md)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     shuffle = torch.Generator().manual_seed(seed)

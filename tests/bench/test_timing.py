@@ -184,3 +184,43 @@ def test_warm_rotation_primes_its_inputs_before_every_sample():
     m = measure(Rotation([fn], prime=True), spec, CpuTimer(clock))
     assert m.repeats == 3 and len(calls) == 1 + 2 * 3  # an untimed call before each timed one
     assert m.times == pytest.approx((0.01,) * 3)
+
+
+class OtherRank:
+    """A :class:`~normbench.bench.timing.Consensus` as one rank sees it under torchrun: the other
+    rank chose ``their_number`` calls per sample, and rank 0 stops after round ``stop_after``."""
+
+    def __init__(self, their_number: int, stop_after: int) -> None:
+        self.their_number, self.stop_after = their_number, stop_after
+        self.rounds = 0
+        self.asked: list[bool] = []
+
+    def numbers(self, numbers: list[int]) -> list[int]:
+        return [min(n, self.their_number) for n in numbers]
+
+    def stop(self, stop: bool) -> bool:
+        self.asked.append(stop)
+        self.rounds += 1
+        return self.rounds >= self.stop_after
+
+
+def test_ranks_make_the_calls_they_agree_on_not_their_own():
+    # alone: 1e-4 s calls batch 10 per sample and stop after min_repeats (4) rounds
+    spec = TimingSpec(warmup_calls=1, min_repeats=4, max_repeats=50, min_time_s=0, max_time_s=1, min_block_s=1e-3,
+                      floor_repeats=2)
+    clock = FakeClock()
+    fn, calls = scripted(clock, [1e-4])
+    alone = measure(fn, spec, CpuTimer(clock))
+    assert (alone.number, alone.repeats, len(calls)) == (10, 4, 1 + 40)
+
+    clock = FakeClock()
+    fn, calls = scripted(clock, [1e-4])
+    other = OtherRank(their_number=3, stop_after=9)  # rank 0 wants fewer calls per sample, more rounds
+    agreed = measure(fn, spec, CpuTimer(clock), other)
+    assert (agreed.number, agreed.repeats, len(calls)) == (3, 9, 1 + 27)
+    assert other.asked[:3] == [False, False, False] and other.asked[3] is True  # its own rule, overruled
+
+    clock = FakeClock()
+    fn, calls = scripted(clock, [1e-4])
+    early = measure(fn, spec, CpuTimer(clock), OtherRank(their_number=50, stop_after=2))
+    assert (early.number, early.repeats, len(calls)) == (10, 2, 1 + 20)

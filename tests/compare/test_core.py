@@ -228,3 +228,12 @@ def test_unbounded_intervals_and_infinite_error_ratios_write_strict_json(tmp_pat
         assert invoke(["compare", *files, "--output", str(out)]).exit_code == 0
         doc = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
         assert doc["records"][0]["verdict"] in ("unsure", "worse")
+
+
+def test_a_change_of_world_size_is_an_environment_difference(tmp_path):
+    """A profile under torchrun against one on another number of ranks: said first, not silent."""
+    rec = [profile_record("l2", "eager", times(1, **SAME))]
+    base_env = {"device": "cpu", "threads": 1, "torch_version": "2.13.0", "world_size": 2, "backend": "gloo"}
+    base = write(tmp_path / "a.json", "profile", rec, environment=base_env)
+    new = write(tmp_path / "b.json", "profile", rec, environment=dict(base_env, world_size=4))
+    assert compare_files(base, new).environment_differences == ["world_size 2 -> 4"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from normbench.experiments.distributed import shard_bounds
+from normbench.distributed import shard_bounds
 
 # a reduced --quick: one seed, two epochs, every regime (BN of each p, WN and bounded WN with their
 # mean-only batch-norm, the corrected and norm-schedule regimes that follow the WD run's norms)
