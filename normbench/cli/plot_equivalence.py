@@ -29,9 +29,13 @@ def _fmt(stat: dict, scale: float = 1.0, digits: int = 3) -> str:
 @click.option("--protocol", type=click.Choice(["isolated", "paper", "both"]), default=None,
               help="Who else gets WD: isolated (same WD outside the conv weights in every regime), "
                    "paper (WD-on decays everything), or both. [default: both]")
-@training_options({"seeds": "0,1,2", "epochs": 30, "model": "small", "lr": 0.1, "wd": "2e-3", "momentum": 0.9,
+@click.option("--augment", default=None,
+              help="Training-set augmentation, comma list of key=value: shift=K (random translation by up to K "
+                   "pixels on a canvas K larger each side), scale=F (upscale), noise=S (Gaussian); none for none. "
+                   "[default: shift=2,noise=0.3]")
+@training_options({"seeds": "0,1,2", "epochs": 30, "model": "small", "lr": 0.1, "wd": "1e-2", "momentum": 0.9,
                    "batch_size": 32})
-def equivalence(quick: bool, regimes: str | None, protocol: str | None, **options: Any) -> int:
+def equivalence(quick: bool, regimes: str | None, protocol: str | None, augment: str | None, **options: Any) -> int:
     """Run the weight-decay / learning-rate equivalence experiments (the paper's first claim) and
     draw them: WD on, WD off, WD off with the per-channel lr correction, norm schedule; BN vs WN vs
     bounded WN; L1 and L-inf batch-norm. Runs are cached in OUTPUT_DIR/cache, so drawing again
@@ -48,6 +52,7 @@ def equivalence(quick: bool, regimes: str | None, protocol: str | None, **option
         config,
         regimes=parse_regimes(regimes) if regimes is not None else None,
         protocols=(["isolated", "paper"] if protocol == "both" else [protocol]) if protocol else None,
+        augment=augment,
         **training_changes(options),
     )
     torch.set_num_threads(options["threads"])
@@ -93,6 +98,8 @@ def _render(outcome, primary: str) -> None:
         for v in outcome.verdicts[metric]:
             line = Text("verdict ", style="bold") if metric == primary else Text("        ")
             console.print(line + Text(v["text"]), highlight=False)
+    for e in outcome.equilibrium:
+        console.print(e["text"], highlight=False, markup=False)
     bn = [c for c in outcome.checks if c["kind"] == "bn-preceded"]
     control = [c for c in outcome.checks if c["kind"] == "control"]
     worst_loss = max(c["loss_rel_change"] for c in bn)

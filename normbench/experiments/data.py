@@ -36,6 +36,8 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    # per colour channel, the standardized value of a 0 pixel (what an augmentation's canvas is filled with)
+    background: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -164,4 +166,5 @@ def load_dataset(
         ytr[chosen] = torch.randint(0, num_classes, (int(chosen.sum()),), generator=gen)
     mean = xtr.mean(dim=(0, 2, 3), keepdim=True)
     std = xtr.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return Dataset(name, (xtr - mean) / std, ytr, (xte - mean) / std, yte, num_classes)
+    background = (-mean / std).flatten()
+    return Dataset(name, (xtr - mean) / std, ytr, (xte - mean) / std, yte, num_classes, background)

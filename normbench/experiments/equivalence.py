@@ -12,13 +12,20 @@ from normbench.experiments.checks import check_passes, scale_invariance_check
 from normbench.experiments.data import load_dataset
 from normbench.experiments.regimes import ALL_REGIMES
 from normbench.experiments.runner import ExperimentConfig, Progress, run
-from normbench.experiments.summary import METRICS, regime_table, verdict
+from normbench.experiments.summary import METRICS, equilibrium_summary, regime_table, verdict
 from normbench.results import ResultsWriter, environment, schema_name
 
 SCHEMA = schema_name("equivalence")
 CHECK_SCHEMA = schema_name("scale_invariance")
 # The metric the verdict leads with; see docs/equivalence.md for why (the others are reported too).
 PRIMARY_METRIC = "train_loss"
+
+
+# The default task: digits translated by up to 2 pixels on a 12x12 canvas, plus noise, chosen by
+# benchmarks/equivalence_search.py (docs/equivalence.md): the WD run's conv weights then turn at the
+# equilibrium through most of the first lr phase, and WD off departs from WD on in test loss.
+DEFAULT_AUGMENT = "shift=2,noise=0.3"
+DEFAULT_WD = 1e-2
 
 
 def default_config() -> ExperimentConfig:
@@ -33,7 +40,8 @@ def default_config() -> ExperimentConfig:
         batch_size=32,
         lr=0.1,
         momentum=0.9,
-        wd=2e-3,
+        wd=DEFAULT_WD,
+        augment=DEFAULT_AUGMENT,
     )
 
 
@@ -60,6 +68,7 @@ class Outcome:
     table: list[dict[str, Any]]
     verdicts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     trained: int = 0  # distinct runs trained by this call (the others came from the cache)
+    equilibrium: list[dict[str, Any]] = field(default_factory=list)  # per protocol, see equilibrium_summary
 
 
 def run_equivalence(
@@ -102,4 +111,5 @@ def run_equivalence(
         table=regime_table(records),
         verdicts=verdicts,
         trained=len({r["config_hash"] for r in records if not r["cached"] and r["status"] == "ok"}),
+        equilibrium=equilibrium_summary(records),
     )

@@ -6,6 +6,11 @@ output does not depend on (under batch-norm the conv weight itself; under weight
 effective learning rate ``lr_c / ||w_c||^2`` (mean over channels and per channel) and the angular
 update per step ``arccos(<w_t, w_t+1> / (||w_t|| ||w_t+1||))`` (mean over the epoch's steps and the
 layer's channels).
+
+Per step, where it costs nothing more than the epoch mean already does, it also keeps a series
+(:meth:`Recorder.step_series`): the layer's channel-mean angular update and its norm, averaged
+over blocks of ``every`` consecutive steps (blocks end at each epoch's end, so none straddles a
+learning-rate decay), so that the equilibrium is seen as it forms while a record stays small.
 """
 
 from __future__ import annotations
@@ -41,20 +46,59 @@ def channel_angles(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
 class Recorder:
     """Accumulates angular updates over an epoch and writes the per-layer part of its entry."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, every: int = 1) -> None:
         self.layers = [(name, direction_param(conv)) for name, conv in conv_layers(model)]
         self._angle_sum = {name: 0.0 for name, _ in self.layers}
         self._steps = 0
+        self.every = max(1, int(every))
+        self._block_sum = {name: 0.0 for name, _ in self.layers}
+        self._block_steps = 0
+        self._block_lr: float | None = None
+        self._total_steps = 0
+        self._series: dict = {
+            "every": self.every,
+            "step": [],
+            "lr": [],
+            "layers": {name: {"angular_update": [], "norm": []} for name, _ in self.layers},
+        }
 
     def snapshot(self) -> list[torch.Tensor]:
         """The direction parameters now (call before a step)."""
         return [p.detach().clone() for _, p in self.layers]
 
-    def after_step(self, before: list[torch.Tensor]) -> None:
-        """Add the angular update of the step just taken."""
+    def after_step(self, before: list[torch.Tensor], lr: float | None = None) -> None:
+        """Add the angular update of the step just taken (``lr``: the conv weights' learning rate
+        of that step, kept with the per-step series)."""
         for (name, p), b in zip(self.layers, before):
-            self._angle_sum[name] += float(channel_angles(b, p).mean())
+            angle = float(channel_angles(b, p).mean())
+            self._angle_sum[name] += angle
+            self._block_sum[name] += angle
         self._steps += 1
+        self._total_steps += 1
+        self._block_steps += 1
+        self._block_lr = lr
+        if self._block_steps == self.every:
+            self._flush_block()
+
+    def _flush_block(self) -> None:
+        """Append the block of steps since the last flush to the per-step series."""
+        if self._block_steps == 0:
+            return
+        self._series["step"].append(self._total_steps)
+        self._series["lr"].append(self._block_lr)
+        for name, p in self.layers:
+            layer = self._series["layers"][name]
+            layer["angular_update"].append(self._block_sum[name] / self._block_steps)
+            layer["norm"].append(float(torch.linalg.vector_norm(p.detach().double())))
+            self._block_sum[name] = 0.0
+        self._block_steps = 0
+
+    def step_series(self) -> dict:
+        """The per-step series so far: ``every`` (steps per block), ``step`` (the last step of each
+        block, counted from 1 over the run), ``lr`` and per layer ``angular_update`` (the block's
+        mean) and ``norm`` (at the block's end)."""
+        self._flush_block()
+        return self._series
 
     def epoch_layers(self, lr: float, multipliers: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
         """The per-layer entry for the epoch that just ended, and reset the accumulators.
@@ -77,4 +121,5 @@ class Recorder:
             }
             self._angle_sum[name] = 0.0
         self._steps = 0
+        self._flush_block()  # a block never straddles two epochs (nor, so, an lr decay)
         return out

@@ -32,6 +32,7 @@ from normbench.errors import UserError
 from normbench.kernels.background import compile_mode
 from normbench import distributed
 from normbench.experiments.distributed import wrap as wrap_for_ranks
+from normbench.experiments.augment import canonical_augment, parse_augment
 from normbench.experiments.data import DATASETS, Dataset, load_dataset
 from normbench.experiments.models import ARCHS, build_model, conv_layers, is_last_layer_param
 from normbench.experiments.recorder import Recorder, channel_norms, direction_param
@@ -48,6 +49,10 @@ from normbench.experiments.regimes import (
 )
 
 KINDS = ("conv", "other", "last")
+# At most this many points per layer in a record's per-step series (blocks of steps averaged beyond it)
+STEP_POINTS = 500
+# The augmentation's generator is seeded with the run seed plus this, apart from the shuffle's
+AUGMENT_SEED_OFFSET = 1_000_003
 
 CODE_VERSION = 1  # bump when a change to training changes the numbers: old cache entries go stale
 
@@ -64,6 +69,7 @@ class ExperimentConfig:
     train_size: int | None = None
     label_noise: float = 0.0
     data_seed: int = 0
+    augment: str | None = None  # a spec of normbench.experiments.augment ("shift=2,noise=0.3"); None: none
     model: str = "small"
     width: int | None = None
     epochs: int = 30
@@ -99,6 +105,7 @@ class ExperimentConfig:
             raise UserError(f"lr decay factor must be in (0, 1], got {self.gamma}")
         if self.train_size is not None and self.train_size < 1:
             raise UserError(f"train size must be positive, got {self.train_size}")
+        self.augment = canonical_augment(self.augment)
         return self
 
     def run_config(self, regime: str, seed: int, protocol: str) -> dict[str, Any]:
@@ -106,6 +113,8 @@ class ExperimentConfig:
         shared = asdict(self)
         for key in ("regimes", "seeds", "protocols"):
             shared.pop(key)
+        if shared["augment"] is None:  # left out, so that runs without augmentation keep their cache keys
+            shared.pop("augment")
         shared["device"] = torch.device(self.device).type
         if distributed.world() > 1:  # equal to one process up to rounding only: its own cache entry
             shared["world_size"] = distributed.world()
@@ -238,21 +247,24 @@ def _train_run(
     protocol = run_config["protocol"]
     seed = run_config["seed"]
 
+    augment = parse_augment(run_config.get("augment"))
     torch.manual_seed(seed)
-    model = build_model(run_config["model"], regime.norm, regime.p, data.input_shape, data.num_classes, run_config["width"])
+    model = build_model(run_config["model"], regime.norm, regime.p, augment.output_shape(data.input_shape),
+                        data.num_classes, run_config["width"])
     if probe is not None:
         probe.attach(model)
     model.to(device).train()
     net = wrap_for_ranks(model)  # the model itself in one process (torchrun: docs/distributed.md)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    x_test, y_test = augment.test_view(data.x_test, data.background).to(device), data.y_test.to(device)
     shuffle = torch.Generator().manual_seed(seed)
+    augment_gen = torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET)
     params = _param_table(model)
     decay = {name: weight_decay_of(kind, regime, protocol, wd) for name, _, kind, _ in params}
     buffers = {name: torch.zeros_like(p) for name, p, _, _ in params}
-    recorder = Recorder(model)
     n = len(y_train)
     batch = min(run_config["batch_size"], n)
+    recorder = Recorder(model, every=math.ceil(epochs * (n // batch) / STEP_POINTS))
 
     record: dict[str, Any] = {
         "regime": regime.name,
@@ -284,7 +296,7 @@ def _train_run(
             if probe is not None:
                 probe.before_step(step)
             step += 1
-            out = net(x_train[idx])
+            out = net(augment.train_batch(x_train[idx], augment_gen, data.background))
             loss = F.cross_entropy(out, y_train[idx])
             if not torch.isfinite(loss):
                 record["diverged"] = True
@@ -317,7 +329,7 @@ def _train_run(
                         if layer is not None:
                             ratio = targets[layer] / channel_norms(p)
                             p.mul_(ratio.to(p.dtype).view(-1, *([1] * (p.dim() - 1))))
-            recorder.after_step(before)
+            recorder.after_step(before, conv_lr)
         if record["diverged"]:
             break
         multipliers = None
@@ -343,6 +355,7 @@ def _train_run(
         )
         progress.epoch_done()
     record["train_seconds"] = time.perf_counter() - start
+    record["steps"] = recorder.step_series()
     last = record["epochs"][-1] if record["epochs"] else {}
     record["final"] = {k: last.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
     if probe is not None:

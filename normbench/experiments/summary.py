@@ -190,3 +190,75 @@ def verdict(records: Sequence[dict[str, Any]], metric: str = "train_loss") -> li
         entry["text"] = f"[{protocol}] {text}"
         out.append(entry)
     return out
+
+
+def equilibrium_fraction(record: dict[str, Any], tolerance: float = 0.2, window: int = 20) -> list[dict[str, Any]]:
+    """How much of each learning-rate phase a run's conv weights spend at the rotational
+    equilibrium ``sqrt(2 lr WD / (1 + momentum))`` (Wan et al. 2021; Kosson et al. 2023).
+
+    Reads the record's per-step series (``steps``, see :class:`~normbench.experiments.recorder.Recorder`):
+    per layer, the angular update smoothed by a trailing mean over about ``window`` steps within
+    the phase, and the fraction of the phase's points within ``tolerance`` (relative) of the
+    equilibrium of the phase's learning rate and the run's conv weight decay. Returns one entry
+    per phase, in order: ``lr``, ``steps`` (in the phase), ``equilibrium``, ``fraction`` (mean over
+    layers), ``layers`` (per layer) and ``ratio`` (median over the phase of smoothed / equilibrium,
+    mean over layers). Empty when the record has no per-step series or no conv weight decay.
+    """
+    series = record.get("steps")
+    config = record.get("config") or {}
+    wd = (config.get("spec") or {}).get("wd_conv", config.get("wd", 0.0))
+    if not series or not series.get("step") or not wd:
+        return []
+    from normbench.experiments.regimes import equilibrium_angular_update
+
+    every = series.get("every", 1)
+    points = max(1, round(window / every))
+    lrs = series["lr"]
+    phases: list[tuple[float, int, int]] = []  # (lr, first index, end index)
+    start = 0
+    for i in range(1, len(lrs) + 1):
+        if i == len(lrs) or lrs[i] != lrs[start]:
+            phases.append((lrs[start], start, i))
+            start = i
+    out = []
+    for lr, lo, hi in phases:
+        theory = equilibrium_angular_update(lr, wd, config["momentum"])
+        per_layer, ratios = {}, []
+        for name, layer in series["layers"].items():
+            values = layer["angular_update"][lo:hi]
+            smoothed = [statistics.fmean(values[max(0, j - points + 1) : j + 1]) for j in range(len(values))]
+            per_layer[name] = sum(abs(v / theory - 1) <= tolerance for v in smoothed) / len(smoothed)
+            ratios.append(statistics.median(v / theory for v in smoothed))
+        first = series["step"][lo - 1] if lo else 0
+        out.append({
+            "lr": lr,
+            "steps": series["step"][hi - 1] - first,
+            "equilibrium": theory,
+            "fraction": statistics.fmean(per_layer.values()),
+            "layers": per_layer,
+            "ratio": statistics.fmean(ratios),
+        })
+    return out
+
+
+def equilibrium_summary(records: Sequence[dict[str, Any]], tolerance: float = 0.2) -> list[dict[str, Any]]:
+    """Per protocol, the ``wd_on`` runs' :func:`equilibrium_fraction` averaged over seeds, per lr
+    phase: ``{"protocol", "seeds", "lr", "fraction", "ratio", "text"}`` (lists over the phases)."""
+    out = []
+    for protocol in dict.fromkeys(r["protocol"] for r in records):
+        runs = [r for r in records if r["protocol"] == protocol and r["regime"] == "wd_on"
+                and r.get("status") == "ok" and not r.get("diverged")]
+        phases = [p for p in (equilibrium_fraction(r, tolerance) for r in runs) if p]
+        if not phases:
+            continue
+        n = min(len(p) for p in phases)
+        lrs = [phases[0][k]["lr"] for k in range(n)]
+        fraction = [statistics.fmean(p[k]["fraction"] for p in phases) for k in range(n)]
+        ratio = [statistics.fmean(p[k]["ratio"] for p in phases) for k in range(n)]
+        text = (f"[{protocol}] equilibrium: WD on's angular update within {tolerance:.0%} of sqrt(2 lr WD / "
+                f"(1 + momentum)) for " + ", ".join(f"{f:.0%}" for f in fraction) + " of the steps of the lr phases "
+                + ", ".join(f"{lr:g}" for lr in lrs) + " (median ratio to it " + ", ".join(f"{q:.2f}" for q in ratio)
+                + f"; mean over {len(phases)} seeds and the conv layers)")
+        out.append({"protocol": protocol, "seeds": len(phases), "lr": lrs, "fraction": fraction, "ratio": ratio,
+                    "text": text})
+    return out

@@ -94,6 +94,7 @@ def _setting(records: Sequence[dict], protocol: str | None) -> str:
         if protocol is None or r.get("protocol") == protocol:
             c = r["config"]
             extra = f", {c['label_noise']:.0%} label noise" if c.get("label_noise") else ""
+            extra += f", augmented ({c['augment']})" if c.get("augment") else ""
             size = f", {c['train_size']} train images" if c.get("train_size") else ""
             proto = f"protocol {r['protocol']}, " if protocol is not None else ""
             return (
@@ -170,6 +171,64 @@ def fig_per_layer(
     return fig
 
 
+def _smooth(values: Sequence[float], points: int) -> np.ndarray:
+    """Trailing running mean over ``points`` values (fewer at the start)."""
+    v = np.asarray(values, dtype=float)
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    i = np.arange(1, len(v) + 1)
+    lo = np.maximum(0, i - points)
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def fig_equilibrium(records: Sequence[dict], protocol: str | None, regimes: Sequence[str] = ("wd_on", "wd_off"),
+                    window: int = 20, tolerance: float = 0.2) -> Figure:
+    """The rotational equilibrium as it forms: per conv layer, the per-step angular update of the
+    given regimes (each seed, running mean over about ``window`` steps) over the theory line
+    ``sqrt(2 lr WD / (1 + momentum))`` of each lr phase, with a band of +-``tolerance``. Runs
+    without a per-step series (older records) are left out."""
+    from normbench.experiments.summary import equilibrium_fraction
+
+    layers = _layers(records)
+    cols = min(4, max(1, len(layers)))
+    rows = max(1, math.ceil(len(layers) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.3 * rows), constrained_layout=True, squeeze=False)
+    for ax in axes.flat[len(layers) :]:
+        ax.set_visible(False)
+    on = [r for r in _runs(records, "wd_on", protocol) if r.get("steps")]
+    for ax, layer in zip(axes.flat, layers):
+        for regime in regimes:
+            color, style = STYLE.get(regime, ("black", "-"))
+            for k, r in enumerate(run for run in _runs(records, regime, protocol) if run.get("steps")):
+                series = r["steps"]
+                points = max(1, round(window / series.get("every", 1)))
+                ax.plot(series["step"], _smooth(series["layers"][layer]["angular_update"], points), color=color,
+                        linestyle=style, linewidth=0.9, alpha=0.8, label=LABEL.get(regime, regime) if k == 0 else None)
+        if on:
+            c = on[0]["config"]
+            wd = c.get("spec", {}).get("wd_conv", c["wd"])
+            steps = np.asarray(on[0]["steps"]["step"])
+            theory = np.sqrt(2 * np.asarray(on[0]["steps"]["lr"], dtype=float) * wd / (1 + c["momentum"]))
+            ax.plot(steps, theory, color="black", linestyle="--", linewidth=1.2, label="sqrt(2 lr WD / (1 + mu))")
+            ax.fill_between(steps, theory * (1 - tolerance), theory * (1 + tolerance), color="black", alpha=0.1,
+                            linewidth=0, label=f"+-{tolerance:.0%}")
+        ax.set_yscale("log")
+        ax.set_title(layer, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel("angular update per step (rad)")
+    axes.flat[0].legend(fontsize=7)
+    note = ""
+    if on:
+        phases = [equilibrium_fraction(r, tolerance, window) for r in on]
+        n = min(len(p) for p in phases)
+        fractions = [float(np.mean([p[k]["fraction"] for p in phases])) for k in range(n)]
+        note = (f"\nWD on: fraction of steps within {tolerance:.0%} of the equilibrium per lr phase "
+                f"(mean over {len(on)} seeds and the layers): " + ", ".join(f"{f:.0%}" for f in fractions))
+    fig.suptitle(f"Rotational equilibrium: angular update per step (running mean over {window} steps) "
+                 f"against sqrt(2 lr WD / (1 + momentum))\n{_setting(records, protocol)}{note}", fontsize=10)
+    return fig
+
+
 def fig_scale_invariance(checks: Sequence[dict]) -> Figure:
     """The numeric check: loss change and alpha * gradient ratio against alpha, per layer."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
@@ -209,7 +268,8 @@ def draw_all(
     of the protocol's entry in ``verdicts``, from :func:`normbench.experiments.summary.verdict`,
     under the title), ``weight_norm_<protocol>``,
     ``effective_lr_<protocol>`` and ``angular_update_<protocol>`` (with the equilibrium line of the
-    WD-on run). Then ``normalizations`` (BN vs WN vs bounded WN), ``lp_batch_norm`` and
+    WD-on run), and ``equilibrium_<protocol>`` (the per-step angular update of WD on and WD off over
+    the equilibrium line, when the records carry per-step series). Then ``normalizations`` (BN vs WN vs bounded WN), ``lp_batch_norm`` and
     ``scale_invariance``. A figure whose regimes were not run is not drawn.
     """
     for fmt in formats:
@@ -253,6 +313,8 @@ def draw_all(
             ),
             out, f"angular_update_{protocol}", formats,
         )
+        if "wd_on" in present and wd > 0 and any(r.get("steps") for r in _runs(ok, "wd_on", protocol)):
+            written += save_figure(fig_equilibrium(ok, protocol), out, f"equilibrium_{protocol}", formats)
     for regimes, stem, title in (
         (NORM_REGIMES, "normalizations", "Batch-norm vs weight norm vs bounded weight norm"),
         (LP_REGIMES, "lp_batch_norm", "Lp batch-norms: L1 and L-inf beside L2"),

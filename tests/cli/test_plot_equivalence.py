@@ -60,6 +60,8 @@ def test_second_run_reuses_the_cache(quick_run):
         (["--protocol", "nope"], "--protocol"),
         (["--device", "tpu"], "device"),
         (["--label-noise", "1.5"], "--label-noise"),
+        (["--augment", "flip=1"], "augmentation"),
+        (["--augment", "shift=x"], "not a number"),
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path, args, message):

@@ -63,3 +63,9 @@ def test_parse_regimes():
 
 def test_equilibrium_angular_update():
     assert equilibrium_angular_update(0.1, 5e-4, 0.9) == pytest.approx(math.sqrt(1e-4 / 1.9))
+    # by hand: 2 * 0.1 * 5e-4 / 1.9 = 5.2632e-5, whose square root is 0.0072548
+    assert equilibrium_angular_update(0.1, 5e-4, 0.9) == pytest.approx(0.0072548, rel=1e-4)
+    # 2 * 0.1 * 2e-3 / 1.9 = 2.1053e-4 -> 0.014510; after one decay (lr 0.01) sqrt(10) smaller: 0.0045883
+    assert equilibrium_angular_update(0.1, 2e-3, 0.9) == pytest.approx(0.014510, rel=1e-4)
+    assert equilibrium_angular_update(0.01, 2e-3, 0.9) == pytest.approx(0.0045883, rel=1e-4)
+    assert equilibrium_angular_update(0.1, 0.0, 0.9) == 0.0

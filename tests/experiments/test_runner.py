@@ -239,3 +239,37 @@ def test_diverged_reference_skips_the_runs_that_follow_it():
     assert on["diverged"] and on["status"] == "ok" and "loss became" in on["reason"]
     for r in (corr, ns):
         assert r["status"] == "skipped" and "diverged" in r["reason"] and r["epochs"] == []
+
+
+def test_per_step_series_matches_the_angle_between_weight_snapshots(monkeypatch):
+    """The per-step angular update against a direct computation from weights saved at each step."""
+    from normbench.experiments import recorder as recorder_mod
+
+    saved = []
+    original = recorder_mod.Recorder.after_step
+
+    def spy(self, before, lr=None):
+        saved.append([b.clone() for b in before] + [p.detach().clone() for _, p in self.layers])
+        original(self, before, lr)
+
+    monkeypatch.setattr(recorder_mod.Recorder, "after_step", spy)
+    monkeypatch.setattr(runner_mod, "STEP_POINTS", 3)  # 3 epochs x 3 steps: blocks of 3 steps
+    cfg = tiny(regimes=["wd_on"], train_size=96, epochs=3)
+    record = train_run(cfg.run_config("wd_on", 0, "isolated"), load_dataset("digits", train_size=96))
+    series = record["steps"]
+    assert series["every"] == 3 and series["step"] == [3, 6, 9]
+    assert series["lr"] == [e["conv_lr"] for e in record["epochs"]]
+    n_layers = len(series["layers"])
+    for layer_index, name in enumerate(series["layers"]):
+        by_hand = []
+        for snap in saved:
+            a = snap[layer_index].double().flatten(1)
+            b = snap[n_layers + layer_index].double().flatten(1)
+            cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+            by_hand.append(float(torch.arccos(cos.clamp(-1, 1)).mean()))
+        blocks = [sum(by_hand[i : i + 3]) / 3 for i in range(0, 9, 3)]
+        assert series["layers"][name]["angular_update"] == pytest.approx(blocks, rel=1e-9)
+        # the epoch mean is the mean of the epoch's steps, the norm the one at the block's end
+        assert [e["layers"][name]["angular_update"] for e in record["epochs"]] == pytest.approx(blocks, rel=1e-9)
+        assert series["layers"][name]["norm"] == pytest.approx(
+            [float(saved[i][n_layers + layer_index].double().norm()) for i in (2, 5, 8)], rel=1e-12)

@@ -122,3 +122,27 @@ def test_skipped_runs_are_not_counted_as_seeds_and_wd_on_divergence_is_reported(
     assert v["wd_on_diverged"] == 1
     assert v["correction"] == "unstable: diverged on 1 of 2 seeds"
     assert "WD on itself diverged on 1 of 3 seeds (compared on the others)" in v["text"]
+
+
+def test_equilibrium_fraction_by_hand():
+    from normbench.experiments.summary import equilibrium_fraction
+
+    # lr 0.1 then 0.01, WD 2e-3, momentum 0.9: equilibria 0.014510 and 0.0045883 (by hand)
+    on, after = 0.014510, 0.0045883
+    series = {
+        "every": 10, "step": [10, 20, 30, 40, 50, 60, 70, 80], "lr": [0.1] * 4 + [0.01] * 4,
+        # phase 1: 1 of 4 smoothed points far off (the first), phase 2: all 4 at half the equilibrium
+        "layers": {"conv1": {"angular_update": [0.1, on, on, on] + [after / 2] * 4, "norm": [1.0] * 8}},
+    }
+    record = {"config": {"wd": 2e-3, "momentum": 0.9, "spec": {"wd_conv": 2e-3}}, "steps": series}
+    # window 10 steps = 1 point: no smoothing
+    phases = equilibrium_fraction(record, tolerance=0.2, window=10)
+    assert [p["lr"] for p in phases] == [0.1, 0.01] and [p["steps"] for p in phases] == [40, 40]
+    assert phases[0]["equilibrium"] == pytest.approx(on, rel=1e-4)
+    assert phases[1]["equilibrium"] == pytest.approx(after, rel=1e-4)
+    assert phases[0]["fraction"] == pytest.approx(0.75) and phases[1]["fraction"] == 0.0
+    assert phases[1]["ratio"] == pytest.approx(0.5, rel=1e-4)
+    # window 20 steps = 2 points: the second point of phase 1 averages 0.1 and on: still off
+    assert equilibrium_fraction(record, window=20)[0]["fraction"] == pytest.approx(0.5)
+    assert equilibrium_fraction({"config": {"wd": 0.0, "momentum": 0.9, "spec": {"wd_conv": 0.0}}, "steps": series}) == []
+    assert equilibrium_fraction({"config": record["config"]}) == []

@@ -26,7 +26,7 @@ def test_every_figure_is_written(drawn):
     out, files, _ = drawn
     stems = {f.stem for f in files}
     for protocol in ("isolated", "paper"):
-        for kind in ("wd_regimes", "weight_norm", "effective_lr", "angular_update"):
+        for kind in ("wd_regimes", "weight_norm", "effective_lr", "angular_update", "equilibrium"):
             assert f"{kind}_{protocol}" in stems
     assert {"normalizations", "lp_batch_norm", "scale_invariance"} <= stems
     assert {f.suffix for f in files} == {".png", ".svg"}
@@ -53,7 +53,10 @@ def test_missing_regimes_skip_their_figures(tmp_path, drawn):
     only_on = [r for r in records if r["regime"] == "wd_on" and r["protocol"] == "isolated"]
     files = draw_all(only_on, None, tmp_path)
     assert {f.stem for f in files} == {"wd_regimes_isolated", "weight_norm_isolated", "effective_lr_isolated",
-                                       "angular_update_isolated"}
+                                       "angular_update_isolated", "equilibrium_isolated"}
+    # records without a per-step series (cached before it was recorded) draw no equilibrium figure
+    old = [{k: v for k, v in r.items() if k != "steps"} for r in only_on]
+    assert "equilibrium_isolated" not in {f.stem for f in draw_all(old, None, tmp_path / "old")}
     with pytest.raises(ValueError, match="format"):
         draw_all(only_on, None, tmp_path, formats=("gif",))
 
