@@ -17,8 +17,9 @@ from normbench.results import ResultsWriter, environment, schema_name
 
 SCHEMA = schema_name("equivalence")
 CHECK_SCHEMA = schema_name("scale_invariance")
-# The metric the verdict leads with; see docs/equivalence.md for why (the others are reported too).
-PRIMARY_METRIC = "train_loss"
+# The metric the verdict leads with (the others are reported too): the default task was chosen for it
+# (docs/equivalence.md).
+PRIMARY_METRIC = "test_loss"
 
 
 # The default task: digits translated by up to 2 pixels on a 12x12 canvas, plus noise, chosen by
