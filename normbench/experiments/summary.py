@@ -192,6 +192,12 @@ def verdict(records: Sequence[dict[str, Any]], metric: str = "train_loss") -> li
     return out
 
 
+def running_mean(values: Sequence[float], points: int) -> list[float]:
+    """The trailing mean of ``values`` over ``points`` values (fewer at the start): how a per-step
+    angular update is smoothed before it is compared with the equilibrium (and drawn)."""
+    return [statistics.fmean(values[max(0, j - points + 1) : j + 1]) for j in range(len(values))]
+
+
 def equilibrium_fraction(record: dict[str, Any], tolerance: float = 0.2, window: int = 20) -> list[dict[str, Any]]:
     """How much of each learning-rate phase a run's conv weights spend at the rotational
     equilibrium ``sqrt(2 lr WD / (1 + momentum))`` (Wan et al. 2021; Kosson et al. 2023).
@@ -226,7 +232,7 @@ def equilibrium_fraction(record: dict[str, Any], tolerance: float = 0.2, window:
         per_layer, ratios = {}, []
         for name, layer in series["layers"].items():
             values = layer["angular_update"][lo:hi]
-            smoothed = [statistics.fmean(values[max(0, j - points + 1) : j + 1]) for j in range(len(values))]
+            smoothed = running_mean(values, points)
             per_layer[name] = sum(abs(v / theory - 1) <= tolerance for v in smoothed) / len(smoothed)
             ratios.append(statistics.median(v / theory for v in smoothed))
         first = series["step"][lo - 1] if lo else 0

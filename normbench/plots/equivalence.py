@@ -147,12 +147,7 @@ def fig_per_layer(
 ) -> Figure:
     """One panel per conv layer: ``key`` of the layer per epoch, log scale; optionally a theory
     line computed from the epoch entries of the first regime's runs."""
-    layers = _layers(records)
-    cols = min(4, max(1, len(layers)))
-    rows = max(1, math.ceil(len(layers) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.3 * rows), constrained_layout=True, squeeze=False)
-    for ax in axes.flat[len(layers) :]:
-        ax.set_visible(False)
+    fig, axes, layers = _layer_panels(records)
     for ax, layer in zip(axes.flat, layers):
         for regime in regimes:
             _band(ax, _runs(records, regime, protocol), lambda e, L=layer: e["layers"][L][key], regime)
@@ -171,13 +166,15 @@ def fig_per_layer(
     return fig
 
 
-def _smooth(values: Sequence[float], points: int) -> np.ndarray:
-    """Trailing running mean over ``points`` values (fewer at the start)."""
-    v = np.asarray(values, dtype=float)
-    c = np.concatenate([[0.0], np.cumsum(v)])
-    i = np.arange(1, len(v) + 1)
-    lo = np.maximum(0, i - points)
-    return (c[i] - c[lo]) / (i - lo)
+def _layer_panels(records: Sequence[dict]) -> tuple[Figure, np.ndarray, list[str]]:
+    """A figure with one panel per conv layer of ``records`` (up to 4 a row), its axes and the layers."""
+    layers = _layers(records)
+    cols = min(4, max(1, len(layers)))
+    rows = max(1, math.ceil(len(layers) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.3 * rows), constrained_layout=True, squeeze=False)
+    for ax in axes.flat[len(layers) :]:
+        ax.set_visible(False)
+    return fig, axes, layers
 
 
 def fig_equilibrium(records: Sequence[dict], protocol: str | None, regimes: Sequence[str] = ("wd_on", "wd_off"),
@@ -186,14 +183,9 @@ def fig_equilibrium(records: Sequence[dict], protocol: str | None, regimes: Sequ
     given regimes (each seed, running mean over about ``window`` steps) over the theory line
     ``sqrt(2 lr WD / (1 + momentum))`` of each lr phase, with a band of +-``tolerance``. Runs
     without a per-step series (older records) are left out."""
-    from normbench.experiments.summary import equilibrium_fraction
+    from normbench.experiments.summary import equilibrium_fraction, running_mean
 
-    layers = _layers(records)
-    cols = min(4, max(1, len(layers)))
-    rows = max(1, math.ceil(len(layers) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.3 * rows), constrained_layout=True, squeeze=False)
-    for ax in axes.flat[len(layers) :]:
-        ax.set_visible(False)
+    fig, axes, layers = _layer_panels(records)
     on = [r for r in _runs(records, "wd_on", protocol) if r.get("steps")]
     for ax, layer in zip(axes.flat, layers):
         for regime in regimes:
@@ -201,7 +193,7 @@ def fig_equilibrium(records: Sequence[dict], protocol: str | None, regimes: Sequ
             for k, r in enumerate(run for run in _runs(records, regime, protocol) if run.get("steps")):
                 series = r["steps"]
                 points = max(1, round(window / series.get("every", 1)))
-                ax.plot(series["step"], _smooth(series["layers"][layer]["angular_update"], points), color=color,
+                ax.plot(series["step"], running_mean(series["layers"][layer]["angular_update"], points), color=color,
                         linestyle=style, linewidth=0.9, alpha=0.8, label=LABEL.get(regime, regime) if k == 0 else None)
         if on:
             c = on[0]["config"]
