@@ -172,6 +172,24 @@ def test_rotation_calls_each_copy_in_turn_and_evicts_before_every_sample():
     assert events[1:] == ["evict", "call", "call", "call"] * 4  # each sample right after an eviction
 
 
+@pytest.mark.parametrize("evict_s, expected", [(0.1, 15), (1.0, 10), (0.0, 200)])
+def test_untimed_evictions_count_against_the_time_limit_after_min_repeats(evict_s, expected):
+    # a tiny pass (0.1 ms a call) timed cold: without a budget for the evictions it would take all
+    # 200 samples (its measured time never reaches min_time_s), 200 evictions of evict_s each
+    clock = FakeClock()
+
+    def fn():
+        clock.now += 1e-4
+
+    def evict():
+        clock.now += evict_s
+
+    spec = TimingSpec(warmup_calls=1, min_repeats=10, max_repeats=200, min_time_s=0.2, max_time_s=1.5,
+                      min_block_s=1e-3, floor_repeats=5)
+    m = measure(Rotation([fn, fn], evict=evict), spec, CpuTimer(clock))
+    assert m.repeats == expected  # 0.1 s: 15 samples of 0.1002 s pass 1.5 s; 1 s: min_repeats still taken
+
+
 def test_warm_rotation_primes_its_inputs_before_every_sample():
     clock = FakeClock()
     calls = []
