@@ -186,3 +186,18 @@ def equilibrium_angular_update(lr: float, wd: float, momentum: float) -> float:
     """The angular update per step of a scale-invariant weight at equilibrium under SGD with
     momentum and weight decay: ``sqrt(2 * lr * wd / (1 + momentum))`` (Wan et al. 2021)."""
     return math.sqrt(2.0 * lr * wd / (1.0 + momentum))
+
+
+def equilibrium_time_scale(lr: float, wd: float, momentum: float) -> float:
+    """Steps in which weight decay alone shrinks a weight's squared norm by a factor e under SGD
+    with momentum (inf without weight decay): about ``(1 - momentum) / (2 lr wd)``; exactly
+    ``-1 / (2 ln r)`` with r the larger root of ``r^2 - (1 + momentum - lr wd) r + momentum``,
+    the recursion's slowest mode. After an lr decay the norms sit above the new equilibrium and the
+    angular update below it, and this is about how long they take to get there, so a phase much
+    shorter than it never reaches its equilibrium."""
+    if lr * wd == 0:
+        return math.inf
+    b = 1.0 + momentum - lr * wd
+    disc = b * b - 4.0 * momentum
+    root = (b + math.sqrt(disc)) / 2.0 if disc >= 0 else math.sqrt(momentum)  # complex pair: |r| = sqrt(mu)
+    return -1.0 / (2.0 * math.log(root))

@@ -207,15 +207,16 @@ def equilibrium_fraction(record: dict[str, Any], tolerance: float = 0.2, window:
     the phase, and the fraction of the phase's points within ``tolerance`` (relative) of the
     equilibrium of the phase's learning rate and the run's conv weight decay. Returns one entry
     per phase, in order: ``lr``, ``steps`` (in the phase), ``equilibrium``, ``fraction`` (mean over
-    layers), ``layers`` (per layer) and ``ratio`` (median over the phase of smoothed / equilibrium,
-    mean over layers). Empty when the record has no per-step series or no conv weight decay.
+    layers), ``layers`` (per layer), ``ratio`` (median over the phase of smoothed / equilibrium,
+    mean over layers) and ``time_scale`` (:func:`~normbench.experiments.regimes.equilibrium_time_scale`,
+    to set against ``steps``). Empty when the record has no per-step series or no conv weight decay.
     """
     series = record.get("steps")
     config = record.get("config") or {}
     wd = (config.get("spec") or {}).get("wd_conv", config.get("wd", 0.0))
     if not series or not series.get("step") or not wd:
         return []
-    from normbench.experiments.regimes import equilibrium_angular_update
+    from normbench.experiments.regimes import equilibrium_angular_update, equilibrium_time_scale
 
     every = series.get("every", 1)
     points = max(1, round(window / every))
@@ -240,6 +241,7 @@ def equilibrium_fraction(record: dict[str, Any], tolerance: float = 0.2, window:
             "lr": lr,
             "steps": series["step"][hi - 1] - first,
             "equilibrium": theory,
+            "time_scale": equilibrium_time_scale(lr, wd, config["momentum"]),
             "fraction": statistics.fmean(per_layer.values()),
             "layers": per_layer,
             "ratio": statistics.fmean(ratios),
@@ -249,7 +251,8 @@ def equilibrium_fraction(record: dict[str, Any], tolerance: float = 0.2, window:
 
 def equilibrium_summary(records: Sequence[dict[str, Any]], tolerance: float = 0.2) -> list[dict[str, Any]]:
     """Per protocol, the ``wd_on`` runs' :func:`equilibrium_fraction` averaged over seeds, per lr
-    phase: ``{"protocol", "seeds", "lr", "fraction", "ratio", "text"}`` (lists over the phases)."""
+    phase: ``{"protocol", "seeds", "lr", "fraction", "ratio", "time_scale", "steps", "text"}`` (lists over
+    the phases; ``steps`` and ``time_scale`` of the first seed's run, the same in every seed)."""
     out = []
     for protocol in dict.fromkeys(r["protocol"] for r in records):
         runs = [r for r in records if r["protocol"] == protocol and r["regime"] == "wd_on"
@@ -261,10 +264,14 @@ def equilibrium_summary(records: Sequence[dict[str, Any]], tolerance: float = 0.
         lrs = [phases[0][k]["lr"] for k in range(n)]
         fraction = [statistics.fmean(p[k]["fraction"] for p in phases) for k in range(n)]
         ratio = [statistics.fmean(p[k]["ratio"] for p in phases) for k in range(n)]
+        scales = [phases[0][k]["time_scale"] for k in range(n)]
+        steps = [phases[0][k]["steps"] for k in range(n)]
         text = (f"[{protocol}] equilibrium: WD on's angular update within {tolerance:.0%} of sqrt(2 lr WD / "
                 f"(1 + momentum)) for " + ", ".join(f"{f:.0%}" for f in fraction) + " of the steps of the lr phases "
                 + ", ".join(f"{lr:g}" for lr in lrs) + " (median ratio to it " + ", ".join(f"{q:.2f}" for q in ratio)
-                + f"; mean over {len(phases)} seeds and the conv layers)")
+                + f"; mean over {len(phases)} seeds and the conv layers); weight decay moves the norms there in about "
+                + ", ".join(f"{t:,.0f}" for t in scales) + " steps (~(1 - momentum) / (2 lr WD)), against "
+                + ", ".join(f"{n:,}" for n in steps) + " steps per phase")
         out.append({"protocol": protocol, "seeds": len(phases), "lr": lrs, "fraction": fraction, "ratio": ratio,
-                    "text": text})
+                    "time_scale": scales, "steps": steps, "text": text})
     return out

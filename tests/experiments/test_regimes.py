@@ -10,6 +10,7 @@ from normbench.experiments.regimes import (
     WD_REGIMES,
     decays_before,
     equilibrium_angular_update,
+    equilibrium_time_scale,
     lr_at,
     milestones,
     norm_schedule_factor,
@@ -69,3 +70,23 @@ def test_equilibrium_angular_update():
     assert equilibrium_angular_update(0.1, 2e-3, 0.9) == pytest.approx(0.014510, rel=1e-4)
     assert equilibrium_angular_update(0.01, 2e-3, 0.9) == pytest.approx(0.0045883, rel=1e-4)
     assert equilibrium_angular_update(0.1, 0.0, 0.9) == 0.0
+
+
+@pytest.mark.parametrize("lr, wd, momentum", [(0.1, 1e-2, 0.9), (0.01, 1e-2, 0.9), (0.05, 2e-3, 0.0)])
+def test_equilibrium_time_scale_is_the_e_folding_of_the_squared_norm_under_sgd(lr, wd, momentum):
+    # SGD with momentum and weight decay alone (no gradient) on a weight: once the velocity has
+    # built up (30 steps), count the steps until its squared norm has fallen by e
+    w, v = 1.0, 0.0
+    for _ in range(30):
+        v = momentum * v + wd * w
+        w -= lr * v
+    start, steps = w * w, 0
+    while w * w > start * math.exp(-1.0):
+        v = momentum * v + wd * w
+        w -= lr * v
+        steps += 1
+    assert abs(steps - equilibrium_time_scale(lr, wd, momentum)) <= 2  # whole steps, and the fast mode's remnant
+    # by hand, to first order: (1 - momentum) / (2 lr wd) = 0.1 / (2 * 0.1 * 0.01) = 50
+    assert equilibrium_time_scale(0.1, 1e-2, 0.9) == pytest.approx(50.0, rel=0.12)
+    assert equilibrium_time_scale(0.001, 1e-2, 0.9) == pytest.approx(5000.0, rel=0.01)
+    assert equilibrium_time_scale(0.1, 0.0, 0.9) == math.inf
