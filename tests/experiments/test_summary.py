@@ -142,6 +142,9 @@ def test_equilibrium_fraction_by_hand():
     assert phases[1]["equilibrium"] == pytest.approx(after, rel=1e-4)
     assert phases[0]["fraction"] == pytest.approx(0.75) and phases[1]["fraction"] == 0.0
     assert phases[1]["ratio"] == pytest.approx(0.5, rel=1e-4)
+    # the time scales, to first order (1 - momentum) / (2 lr WD) = 250 and 2,500 steps (by hand)
+    assert phases[0]["time_scale"] == pytest.approx(250, rel=0.03)
+    assert phases[1]["time_scale"] == pytest.approx(2500, rel=0.01)
     # window 20 steps = 2 points: the second point of phase 1 averages 0.1 and on: still off
     assert equilibrium_fraction(record, window=20)[0]["fraction"] == pytest.approx(0.5)
     assert equilibrium_fraction({"config": {"wd": 0.0, "momentum": 0.9, "spec": {"wd_conv": 0.0}}, "steps": series}) == []
