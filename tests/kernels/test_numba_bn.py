@@ -212,3 +212,20 @@ def test_auto_takes_the_kernels_for_spatial_cpu_input():
         assert not fused.preferred(torch.randn(2, 3, 4, 4))
     finally:
         fused.set_backend("auto")
+
+
+def test_per_channel_results_beyond_float32_become_inf_without_a_warning():
+    # a diverging training run (plot equivalence's paper-form correction) reaches per-channel
+    # statistics beyond float32 in the float64 arithmetic; the cast makes them inf, as torch's
+    # casts do, without a numpy RuntimeWarning in the user's terminal
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from normbench.kernels import numba_bn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (out,) = numba_bn._per_channel(torch.zeros(2, 3, 4), np.array([1e39, -1e39, 1.5]))
+    assert out.dtype == torch.float32 and out.tolist() == [float("inf"), float("-inf"), 1.5]
