@@ -75,9 +75,9 @@ def config_of(cell: dict[str, Any], seeds: list[int], protocol: str) -> Experime
     """The experiment configuration of a cell (the default's other settings)."""
     augment, train_size = TASKS[cell["task"]]
     return ExperimentConfig(regimes=list(REGIMES), seeds=seeds, protocols=[protocol], dataset="digits",
-                            model="small", width=cell["width"], epochs=cell["epochs"], batch_size=cell.get("batch", 32), lr=0.1,
-                            momentum=0.9, wd=cell["wd"], gamma=cell.get("gamma", 0.1), augment=augment,
-                            train_size=train_size)
+                            model="small", width=cell["width"], epochs=cell["epochs"],
+                            batch_size=cell.get("batch", 32), lr=0.1, momentum=0.9, wd=cell["wd"],
+                            gamma=cell.get("gamma", 0.1), augment=augment, train_size=train_size)
 
 
 def _gap(v: dict[str, Any], scale: float = 1.0) -> dict[str, Any]:
@@ -126,8 +126,8 @@ def _fmt_gap(g: dict[str, Any], digits: str) -> str:
 def row(m: dict[str, Any]) -> str:
     """One line of the table."""
     eq = "/".join(f"{f:.2f}" for f in m["equilibrium_fraction"])
-    return (f"{m['task']:<14} wd={m['wd']:<6g} ep={m['epochs']:<3} w={m['width']:<3} gamma={m.get('gamma', 0.1):<4g} b={m.get('batch', 32):<3} "
-            f"{m['train_seconds']:6.0f}s "
+    return (f"{m['task']:<14} wd={m['wd']:<6g} ep={m['epochs']:<3} w={m['width']:<3} "
+            f"gamma={m.get('gamma', 0.1):<4g} b={m.get('batch', 32):<3} {m['train_seconds']:6.0f}s "
             f"eq={eq:<20} err%={m['wd_on_test_error']:5.2f} err={_fmt_gap(m['test_error'], '.2f'):<24} "
             f"loss={_fmt_gap(m['test_loss'], '.3f'):<26} train={_fmt_gap(m['train_loss'], '.3f')}")
 

@@ -623,8 +623,14 @@ def _per_channel(x3: torch.Tensor, *arrays: np.ndarray) -> tuple[torch.Tensor, .
     """float64 per-channel results as tensors of the compute dtype (a numpy cast costs less than
     torch's on a few hundred values, and this runs on every call)."""
     acc = np.float64 if x3.dtype == torch.float64 else np.float32
-    with np.errstate(over="ignore"):  # beyond float32 is inf, silently, as torch's casts make it
-        return tuple(torch.from_numpy(a.astype(acc, copy=False)) for a in arrays)
+    return tuple(torch.from_numpy(a) for a in _narrow(acc, *arrays))
+
+
+def _narrow(acc: type, *arrays: np.ndarray) -> list[np.ndarray]:
+    """float64 arrays cast to the arithmetic type ``acc``; beyond float32 is inf, silently, as
+    torch's casts make it (a diverging run would otherwise print numpy overflow warnings)."""
+    with np.errstate(over="ignore"):
+        return [a.astype(acc, copy=False) for a in arrays]
 
 
 def _f64(t: torch.Tensor) -> np.ndarray:
@@ -767,9 +773,8 @@ def backward(x3, gy3, weight, mean, scale, p: float, k: int | None, const: float
     k_0 = mul * (coef_s * sum_sign / n - sum_g / n)
     k_s = -mul * coef_s
     k_at = np.where(thr == 0, 0.0, k_s * weq)  # ties at t = 0 have sign 0 (as _tie_term needs)
-    with np.errstate(over="ignore"):  # as in _per_channel
-        coefs = [a.astype(acc) for a in (mean_n, mul, k_0, -mul * coef_u, k_s, thr, k_at)]
-    launch(_col_backward_apply, xn, gn, _np(dx3), bounds, *coefs, p_code)
+    launch(_col_backward_apply, xn, gn, _np(dx3), bounds, *_narrow(acc, mean_n, mul, k_0, -mul * coef_u, k_s, thr, k_at),
+           p_code)
     return dx3, torch.from_numpy(sum_g), torch.from_numpy(sum_gx)
 
 

@@ -86,6 +86,9 @@ def test_equilibrium_time_scale_is_the_e_folding_of_the_squared_norm_under_sgd(l
         w -= lr * v
         steps += 1
     assert abs(steps - equilibrium_time_scale(lr, wd, momentum)) <= 2  # whole steps, and the fast mode's remnant
+
+
+def test_equilibrium_time_scale_by_hand():
     # by hand, to first order: (1 - momentum) / (2 lr wd) = 0.1 / (2 * 0.1 * 0.01) = 50
     assert equilibrium_time_scale(0.1, 1e-2, 0.9) == pytest.approx(50.0, rel=0.12)
     assert equilibrium_time_scale(0.001, 1e-2, 0.9) == pytest.approx(5000.0, rel=0.01)
