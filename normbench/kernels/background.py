@@ -112,6 +112,9 @@ def ready(key: Hashable, compile_fn: Callable[[], None], wait: bool = False) -> 
     ``wait=False`` in ``background`` mode answers at once (False while compiling, and for good if
     compilation failed: the caller stays on its fallback); otherwise this returns once compiled,
     and raises compilation's error if it failed."""
+    job = _jobs.get(key)  # the common case, compiled long ago, without the lock (a dict read is atomic)
+    if job is not None and job.done.is_set() and job.error is None:
+        return True
     inline = wait or mode() == "wait"
     with _lock:
         job = _jobs.get(key)

@@ -86,36 +86,30 @@ def preferred(x: torch.Tensor, n: int, p: float = 2.0, k: int | None = None) -> 
 class FusedLpRowNorm(torch.autograd.Function):
     """``y = weight * (x - mu) / D + bias`` over each row of ``x`` (R, n), contiguous, with
     ``weight`` and ``bias`` (W, n) or None (row r takes weight row ``r % W``). Returns y in x's
-    dtype. ``kernels`` is the module of :func:`_kernels` (numba_rows or triton_rows)."""
+    dtype. ``kernels`` is the module of :func:`_kernels` (numba_rows or triton_rows). Forward and
+    backward do little beyond the kernel call: at 4k rows of 1k values a call's Python work
+    weighed several percent of a CPU layer-norm's time (docs/performance.md, "Row norms")."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, p: float, k: int | None, eps: float, center: bool, kernels):
-        n = x.shape[1]
-        const = dispersion_constant(p, n, k, center)
-        x3 = x.reshape(x.shape[0], 1, n)
-        y3, mean, scale, threshold = kernels.forward(x3, weight, bias, p, k, const, eps, center)
+        const = dispersion_constant(p, x.shape[1], k, center)
+        y, stats = kernels.forward(x, weight, bias, p, k, const, eps, center)
         ctx.p, ctx.k, ctx.const, ctx.center, ctx.kernels = p, k, const, center, kernels
         ctx.bias = None if bias is None else (bias.shape, bias.dtype)
-        ctx.save_for_backward(x, weight, mean, scale, threshold)
-        return fused.unviewed(y3.reshape(x.shape))
+        ctx.save_for_backward(x, weight, stats)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, mean, scale, threshold = ctx.saved_tensors
-        n = x.shape[1]
-        want_params = (weight is not None and ctx.needs_input_grad[1]) or (ctx.bias is not None and ctx.needs_input_grad[2])
-        x3 = x.reshape(x.shape[0], 1, n)
-        gy3 = grad_y.contiguous().reshape(x3.shape)
+        x, weight, stats = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_w, need_b = need_w and weight is not None, need_b and ctx.bias is not None
         rows = ctx.bias[0][0] if ctx.bias is not None else 1 if weight is None else weight.shape[0]
-        dx3, dw, db = ctx.kernels.backward(x3, gy3, weight, mean, scale, threshold, ctx.p, ctx.k, ctx.const,
-                                           ctx.center, want_params, rows)
-        grad_x = dx3.reshape(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w = grad_b = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = torch.as_tensor(dw).reshape(weight.shape).to(weight.dtype)
-        if ctx.bias is not None and ctx.needs_input_grad[2]:
-            grad_b = torch.as_tensor(db).reshape(ctx.bias[0]).to(ctx.bias[1])
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        dx, dw, db = ctx.kernels.backward(x, grad_y.contiguous(), weight, stats, ctx.p, ctx.k, ctx.const,
+                                          ctx.center, need_w or need_b, rows)
+        grad_w = dw.view(weight.shape).to(weight.dtype) if need_w else None
+        grad_b = db.view(ctx.bias[0]).to(ctx.bias[1]) if need_b else None
+        return dx if need_x else None, grad_w, grad_b, None, None, None, None, None
 
 
 def row_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, p: float,

@@ -213,20 +213,27 @@ def threads() -> int:
     return 1 if compiling_only() else numba.get_num_threads()
 
 
-def sync_threads() -> None:
-    """Use as many threads as torch does (``normbench profile --threads`` sets torch's), and keep
-    torch's count as it was: numba's OpenMP layer shares libgomp with torch, and launching its
-    thread pool (on the first call) resets the count torch reads to numba's default. Nothing under
-    :func:`compile_only`."""
+def sync_threads() -> int:
+    """Use as many threads as torch does (``normbench profile --threads`` sets torch's), keep
+    torch's count as it was, and return numba's count: numba's OpenMP layer shares libgomp with
+    torch, and launching its thread pool (on the first call) resets the count torch reads to
+    numba's default. numba's count is per Python thread, so each thread remembers the torch count
+    it last synchronized to and returns at once while that holds (this runs on every kernel call,
+    where a few microseconds of Python count). 1 under :func:`compile_only`, touching nothing."""
     if compiling_only():
-        return
+        return 1
     torch_threads = torch.get_num_threads()
+    synced = getattr(_local, "synced", None)
+    if synced is not None and synced[0] == torch_threads:
+        return synced[1]
     current = numba.get_num_threads()  # launches numba's pool the first time
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
     want = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     if current != want:
         numba.set_num_threads(want)
+    _local.synced = (torch_threads, want)
+    return want
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Triton kernels for the fused Lp row norms on CUDA (tested on the CPU under ``TRITON_INTERPRET=1``).
 
-Rows arrive as a contiguous (R, 1, n) view (:mod:`normbench.kernels.fused_rows`). One program
+Rows arrive as a contiguous (R, n) tensor (:mod:`normbench.kernels.fused_rows`). One program
 owns a whole row while it fits one block (``n`` up to :data:`MAX_BLOCK` values, in registers or
 spilled to local memory): forward reads x once and writes y once, the 2E minimum, and backward
 reads x and dy once and writes dx once. Accumulation is in float32 (float64 for float64 input);
@@ -150,49 +150,52 @@ def _rows_of(weight: torch.Tensor | None, bias: torch.Tensor | None) -> int:
     return 1
 
 
-def forward(x3: torch.Tensor, weight, bias, p: float, k: int | None, const: float, eps: float, center: bool):
-    """``(y3, mean, scale, threshold)`` as :func:`normbench.kernels.numba_rows.forward` returns them
-    (per row in the compute dtype; threshold -1 unless L-inf or top-k)."""
-    rows, _, n = x3.shape
-    acc = _acc(x3.dtype)
-    dev = x3.device
+def forward(x: torch.Tensor, weight, bias, p: float, k: int | None, const: float, eps: float, center: bool):
+    """``(y, stats)`` as :func:`normbench.kernels.numba_rows.forward` returns them for rows x (R, n)
+    (``stats`` (3, R) in the compute dtype: the mean, D and the threshold, -1 unless L-inf or top-k)."""
+    rows, n = x.shape
+    acc = _acc(x.dtype)
+    dev = x.device
     p_code = _p_code(p, k)
     w_rows = _rows_of(weight, bias)
     w, b = _param(weight, 1.0, n, acc, w_rows, dev), _param(bias, 0.0, n, acc, w_rows, dev)
-    y3 = torch.empty_like(x3)
-    mean, scale, stat = (torch.empty(rows, dtype=acc, device=dev) for _ in range(3))
-    thr = torch.full((rows,), -1.0, dtype=acc, device=dev)
+    y = torch.empty_like(x)
+    stats = torch.empty((3, rows), dtype=acc, device=dev)
+    mean, scale, thr = stats.unbind(0)
+    stat = torch.empty(rows, dtype=acc, device=dev)
+    thr.fill_(-1.0)
     prestats = p_code == P_TOPK and k not in (None, 1)
     if prestats:  # top-k: the k largest deviations by torch, as backward recomputes |u|
-        xc = x3.reshape(rows, n).to(acc)
-        mean = xc.mean(1) if center else torch.zeros(rows, dtype=acc, device=dev)
+        xc = x.to(acc)
+        mean.copy_(xc.mean(1) if center else torch.zeros(rows, dtype=acc, device=dev))
         vals = (xc - mean[:, None]).abs().topk(k, dim=1, sorted=True).values
-        stat, thr = vals.mean(1), vals[:, -1].contiguous()
+        stat.copy_(vals.mean(1))
+        thr.copy_(vals[:, -1])
     if rows:
-        _forward_kernel[(rows,)](x3, y3, w, b, mean, scale, stat, thr, _consts(const, eps, k, acc, dev), n, w_rows,
+        _forward_kernel[(rows,)](x, y, w, b, mean, scale, stat, thr, _consts(const, eps, k, acc, dev), n, w_rows,
                                  P=p_code, CENTER=bool(center), PRESTATS=prestats,
                                  BLOCK=triton.next_power_of_2(n))
-    return y3, mean, scale, thr
+    return y, stats
 
 
-def backward(x3, gy3, weight, mean, scale, threshold, p: float, k: int | None, const: float, center: bool,
+def backward(x, gy, weight, stats, p: float, k: int | None, const: float, center: bool,
              want_params: bool, param_rows: int = 1):
-    """``(dx3, dweight, dbias)`` as :func:`normbench.kernels.numba_rows.backward` returns them
+    """``(dx, dweight, dbias)`` as :func:`normbench.kernels.numba_rows.backward` returns them
     (the parameter gradients as (W, n) tensors in the compute dtype, or None)."""
-    rows, _, n = x3.shape
-    acc = _acc(x3.dtype)
-    dev = x3.device
+    rows, n = x.shape
+    acc = _acc(x.dtype)
+    dev = x.device
     w = _param(weight, 1.0, n, acc, param_rows, dev)
-    dx3 = torch.empty_like(x3)
+    dx = torch.empty_like(x)
     programs = max(1, min(rows, BACKWARD_PROGRAMS))
     shape = (programs, param_rows, n) if want_params else (1, 1, 1)
     dw_part = torch.zeros(shape, dtype=acc, device=dev)
     db_part = torch.zeros(shape, dtype=acc, device=dev)
+    stats = stats.to(acc)
     if rows:
-        _backward_kernel[(programs,)](x3, gy3, dx3, w, mean.to(acc).contiguous(), scale.to(acc).contiguous(),
-                                      threshold.to(acc).contiguous(), dw_part, db_part,
+        _backward_kernel[(programs,)](x, gy, dx, w, stats[0], stats[1], stats[2], dw_part, db_part,
                                       _consts(const, 0.0, k, acc, dev), rows, n, param_rows, P=_p_code(p, k), CENTER=bool(center),
                                       WANT_WB=bool(want_params), BLOCK=triton.next_power_of_2(n))
     if not want_params:
-        return dx3, None, None
-    return dx3, dw_part.sum(0), db_part.sum(0)
+        return dx, None, None
+    return dx, dw_part.sum(0), db_part.sum(0)

@@ -132,6 +132,27 @@ def test_layer_and_rms_norm_in_storage_dtypes(backend, p, k, dtype):
     _check("rms", x, p, k, dtype)
 
 
+@needs_numba
+@pytest.mark.parametrize("p,k", PK_ALL, ids=PK_ALL_IDS)
+@pytest.mark.parametrize("kind", ["layer", "rms", "group"])
+def test_numba_kernels_over_uneven_thread_stretches(monkeypatch, p, k, kind):
+    """The CPU kernels pass each row's next row along within a thread's stretch (forward's sum,
+    backward's reduction pass) and sum the parameter gradients over the stretches: stretches of 0,
+    1, 2 and 4 rows, whatever this machine's thread count, against the oracle (group-norm: row r
+    takes weight row r % G, so a row and the next one use different weight rows)."""
+    from normbench.kernels import numba_rows
+
+    monkeypatch.setattr(numba_rows, "_bounds", lambda rows, threads: torch.tensor([0, 1, 1, 3, rows]).numpy())
+    fused.set_backend("numba")
+    try:
+        if kind == "group":
+            _check("group", _x((7, 4, 25)), p, k, torch.float64, groups=2)
+        else:
+            _check(kind, _x((7, 50)), p, k, torch.float64)
+    finally:
+        fused.set_backend("auto")
+
+
 @pytest.mark.parametrize("p,k", PK, ids=PK_IDS)
 @pytest.mark.parametrize("shape,fmt", [((3, 6, 4, 5), torch.contiguous_format), ((3, 6, 4, 5), torch.channels_last),
                                        ((2, 6, 7), torch.contiguous_format)])
