@@ -249,6 +249,9 @@ def _row_pass_p(x, g, dx, w, stats, dw_rows, db_rows, r, coefs, q, p_code, write
         return _row_pass(x, g, dx, w, stats, dw_rows, db_rows, r, coefs, q, P_L2, write_dx, reduce_q)
     if p_code == P_L1:
         return _row_pass(x, g, dx, w, stats, dw_rows, db_rows, r, coefs, q, P_L1, write_dx, reduce_q)
+    if write_dx and reduce_q:  # top-k, L-inf: with their compares with t, two loops ran faster than one
+        _row_pass(x, g, dx, w, stats, dw_rows, db_rows, r, coefs, q, P_TOPK, True, False)
+        return _row_pass(x, g, dx, w, stats, dw_rows, db_rows, r, coefs, q, P_TOPK, False, True)
     return _row_pass(x, g, dx, w, stats, dw_rows, db_rows, r, coefs, q, P_TOPK, write_dx, reduce_q)
 
 
