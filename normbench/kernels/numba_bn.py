@@ -56,6 +56,7 @@ from normbench.kernels.numba_common import (  # noqa: F401 - _f32_to_bf16: the t
     _maxnum,
     _minnum,
     _store,
+    _tie_step,
     as_numpy as _np,
     compile_only,
     launch,
@@ -238,15 +239,7 @@ def _count_ties(x, a0, a1, c, b0, b1, mu_c, t, run):
     n_eq = s_eq = n_gt = s_gt = 0
     for a in range(a0, a1):
         for b in range(b0, b1):  # scalar accumulators: the loop vectorizes
-            u = _load(x, a, c, b) - mu_c
-            d = abs(u)
-            s = np.int64(u > 0) - np.int64(u < 0)
-            eq = np.int64(d == t)
-            gt = np.int64(d > t)
-            n_eq += eq
-            s_eq += s * eq
-            n_gt += gt
-            s_gt += s * gt
+            n_eq, s_eq, n_gt, s_gt = _tie_step(_load(x, a, c, b) - mu_c, t, n_eq, s_eq, n_gt, s_gt)
     run[0] += n_eq
     run[1] += s_eq
     run[2] += n_gt

@@ -161,6 +161,18 @@ def _store1_impl(arr, i, v):
 
 
 @njit(inline="always")
+def _tie_step(u, t, n_eq, s_eq, n_gt, s_gt):
+    """One deviation u's share of the tie counts against the threshold t: E and the sign sum of the
+    |u| equal to t, G and the sign sum of those above it (integers without branches, so that the
+    loops counting them vectorize)."""
+    d = abs(u)
+    s = np.int64(u > 0) - np.int64(u < 0)
+    eq = np.int64(d == t)
+    gt = np.int64(d > t)
+    return n_eq + eq, s_eq + s * eq, n_gt + gt, s_gt + s * gt
+
+
+@njit(inline="always")
 def _insert(top, v):
     """Put ``v`` into ``top``, the k largest so far in descending order, when it beats the last."""
     k = top.shape[0]

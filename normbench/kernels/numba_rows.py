@@ -60,6 +60,7 @@ from normbench.kernels.numba_common import (
     _load,
     _maxnum,
     _store,
+    _tie_step,
     as_numpy,
     compile_only,
     launch,
@@ -192,14 +193,7 @@ def _reduce_step(x, p_code, gv, u, t_r, sums):
     elif p_code == P_L1:
         s_x += _cast(x, u > 0) - _cast(x, u < 0)
     else:
-        d = abs(u)
-        sg = np.int64(u > 0) - np.int64(u < 0)
-        eq = np.int64(d == t_r)
-        gt = np.int64(d > t_r)
-        n_eq += eq
-        s_eq += sg * eq
-        n_gt += gt
-        s_gt += sg * gt
+        n_eq, s_eq, n_gt, s_gt = _tie_step(u, t_r, n_eq, s_eq, n_gt, s_gt)
     return s_g, s_gu, s_x, n_eq, s_eq, n_gt, s_gt
 
 
