@@ -2,11 +2,13 @@
 figures, verdict), the cache on a second call, and bad options (exit code 2, one line)."""
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
 
 from normbench.cli import main
+from normbench.experiments.halfprec import verdicts
 from normbench.results import read_results
 
 
@@ -41,7 +43,13 @@ def test_quick_writes_results_figures_and_a_verdict(quick_run):
                     "halfprec_nonfinite_fp16.png"]
     assert all((out / p).stat().st_size > 10_000 for p in pngs)
     assert len(read_results(out / "halfprec.json", schema="normbench.halfprec/1").records) == len(records)
-    assert "verdict native fp16, pairwise: L2 fails from scale 1000" in " ".join(result.output.split())
+    # the claim under test: native fp16 L2 with pairwise sums fails at scale 1000 (9-10% accuracy on
+    # every machine tried). At scale 1 its one-seed gap to fp32 sits near the 2x-noise line, and
+    # which side it falls on moves with the CPU's rounding (AVX2 vs AVX-512 builds of torch's
+    # kernels), so the verdict may name scale 1 or 1000
+    pairwise = next(v for v in verdicts(records) if v["dtype"] == "fp16" and v["reduction"] == "pairwise")
+    assert pairwise["status"]["l2"]["1000"] == "fails"
+    assert re.search(r"verdict native fp16, pairwise: L2 fails from scale (1|1000) \(", " ".join(result.output.split()))
     assert "control: fp32" in result.output
 
 
