@@ -213,8 +213,9 @@ def _dx_value(x, p_code, gv, u, t_r, c_u, c_at, inv, sh):
 def _row_pass(x, g, dx, w, stats, dw_rows, db_rows, r, coefs, q, p_code, write_dx, reduce_q):
     """One loop over the values of a row: row r's elementwise pass (``write_dx``, with its
     coefficients ``coefs``) and row q's reduction pass (``reduce_q``, adding to its partial weight
-    and bias gradient rows), returning q's sums. Called with constant ``p_code``, ``write_dx`` and
-    ``reduce_q``: inlined, each call site is a loop of its own with no branch inside."""
+    and bias gradient rows), returning q's sums. Inlined: where ``p_code``, ``write_dx`` and
+    ``reduce_q`` are constants (:func:`_row_pass_p`) the call site is a loop with no branch inside;
+    a stretch's first and last row pass ``p_code`` as it comes (one loop for every p)."""
     n, n_w = x.shape[2], w.shape[0]
     c_u, c_at, sh = coefs
     mu, inv, t_r, wr = _cast(x, stats[0, r]), _cast(x, 1.0 / stats[1, r]), _cast(x, stats[2, r]), w[r % n_w]
